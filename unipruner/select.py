@@ -1,0 +1,332 @@
+"""Budgets and selection: how many tokens survive, and which.
+
+A :class:`Budget` turns a sequence length (and, for data-dependent budgets, the scores) into a
+number of tokens to keep. :func:`topk` turns scores into sorted keep indices that never point at
+masked (padding) positions and always include protected ones (CLS, attention sinks, the
+observation window, text tokens...). :class:`Schedule` gives one budget per layer.
+
+Conventions
+-----------
+* ``ratio`` is the fraction of tokens **kept** (``Budget(ratio=0.25)`` keeps a quarter).
+* Protected tokens always survive: when there are more of them than the budget allows, the
+  budget of that row is raised to cover them (so ``K = max(budget, n_protected)``).
+* Ragged batches: rows may keep different counts; the returned ``[B, K]`` index tensor is then
+  right-padded with ``-1`` (``K`` = the largest count). :func:`unipruner.reduce.drop` understands
+  the padding and returns the new validity mask. Padding never appears when no mask is given and
+  the budget is not data-dependent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._validate import check_finite, check_mask, protected_mask, valid_counts
+from .errors import UniprunerError
+
+__all__ = ["Budget", "Schedule", "knee_count", "r_schedule", "topk"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many tokens survive a pruning step.
+
+    Exactly one of ``ratio``, ``keep``, ``threshold`` or ``knee`` is set.
+
+    Parameters
+    ----------
+    ratio : float, optional
+        Fraction of the (valid) tokens kept, in ``[0, 1]``; rounded half up.
+    keep : int, optional
+        Number of tokens kept (rows with fewer valid tokens keep them all).
+    threshold : float, optional
+        Keep every token whose score is ``>= threshold`` (data-dependent).
+    knee : bool
+        Keep the tokens before the knee of the sorted-score curve (Kneedle; data-dependent).
+        Build it with :meth:`Budget.auto`.
+
+    Examples
+    --------
+    >>> Budget(ratio=0.25).count(200)
+    50
+    >>> Budget(keep=64).count(576)
+    64
+    >>> Budget.auto()
+    Budget.auto()
+    """
+
+    ratio: float | None = None
+    keep: int | None = None
+    threshold: float | None = None
+    knee: bool = False
+
+    def __post_init__(self) -> None:
+        n_set = sum(x is not None for x in (self.ratio, self.keep, self.threshold)) + int(self.knee)
+        if n_set != 1:
+            raise UniprunerError(
+                "Budget needs exactly one of ratio=, keep=, threshold= or Budget.auto(); "
+                f"got {n_set} (ratio={self.ratio}, keep={self.keep}, threshold={self.threshold}, knee={self.knee})"
+            )
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
+                0.0 <= float(self.ratio) <= 1.0
+            ):
+                raise UniprunerError(
+                    f"Budget ratio is the fraction of tokens kept and must be in [0, 1], got {self.ratio!r}"
+                )
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
+                raise UniprunerError(f"Budget keep must be a non-negative int, got {self.keep!r}")
+        if self.threshold is not None and (
+            not isinstance(self.threshold, (int, float)) or math.isnan(float(self.threshold))
+        ):
+            raise UniprunerError(f"Budget threshold must be a number, got {self.threshold!r}")
+
+    @classmethod
+    def auto(cls) -> Budget:
+        """A budget that keeps the tokens before the knee of the sorted-score curve (Kneedle)."""
+        return cls(knee=True)
+
+    @classmethod
+    def coerce(cls, value: Budget | float | int | None = None, *, ratio: float | None = None,
+               keep: int | None = None, threshold: float | None = None) -> Budget:
+        """Build a budget from a Budget, a float (ratio), an int (keep) or keyword shortcuts.
+
+        >>> Budget.coerce(0.5), Budget.coerce(64), Budget.coerce(keep=8)
+        (Budget(ratio=0.5), Budget(keep=64), Budget(keep=8))
+        """
+        given = [v for v in (value, ratio, keep, threshold) if v is not None]
+        if len(given) > 1:
+            raise UniprunerError("give one budget: a Budget, or one of ratio=, keep=, threshold=")
+        if isinstance(value, Budget):
+            return value
+        if ratio is not None:
+            return cls(ratio=ratio)
+        if keep is not None:
+            return cls(keep=keep)
+        if threshold is not None:
+            return cls(threshold=threshold)
+        if isinstance(value, bool):
+            raise UniprunerError(f"a budget cannot be a bool, got {value!r}")
+        if isinstance(value, int):
+            return cls(keep=value)
+        if isinstance(value, float):
+            return cls(ratio=value)
+        if value is None:
+            raise UniprunerError("no budget given: pass budget=Budget(...), ratio=, keep= or threshold=")
+        raise UniprunerError(f"cannot make a Budget from {value!r}")
+
+    @property
+    def data_dependent(self) -> bool:
+        """True when the count depends on the scores (threshold, knee)."""
+        return self.threshold is not None or self.knee
+
+    def __repr__(self) -> str:
+        if self.knee:
+            return "Budget.auto()"
+        for field in ("ratio", "keep", "threshold"):
+            v = getattr(self, field)
+            if v is not None:
+                return f"Budget({field}={v!r})"
+        return "Budget()"  # pragma: no cover - unreachable, __post_init__ forbids it
+
+    def count(self, n: int) -> int:
+        """Tokens kept out of ``n`` for a data-independent budget (ratio or keep)."""
+        if self.data_dependent:
+            raise UniprunerError(f"{self!r} depends on the scores; use Budget.counts(scores=...)")
+        return int(self.counts(torch.tensor([n]), n_max=n)[0])
+
+    def counts(self, n_valid: Tensor, *, n_max: int, scores: Tensor | None = None,
+               mask: Tensor | None = None) -> Tensor:
+        """Tokens kept per row, ``[B]`` long, given the valid counts per row.
+
+        ``n_max`` is the padded sequence length: ``Budget(keep=K)`` with ``K > n_max`` is an
+        error (the budget asks for more tokens than any row has).
+        """
+        if self.ratio is not None:
+            return torch.floor(n_valid.double() * float(self.ratio) + 0.5).long().clamp(max=n_valid)
+        if self.keep is not None:
+            if self.keep > n_max:
+                raise UniprunerError(
+                    f"Budget(keep={self.keep}) asks for more tokens than the sequence has ({n_max}); "
+                    "lower keep or use Budget(ratio=...)"
+                )
+            return torch.clamp(n_valid, max=self.keep)
+        if scores is None:
+            raise UniprunerError(f"{self!r} depends on the scores; pass scores=")
+        valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask
+        if self.threshold is not None:
+            return ((scores >= float(self.threshold)) & valid).sum(dim=1)
+        return knee_count(scores, mask=mask)
+
+
+def knee_count(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Number of tokens before the knee of each row's descending score curve (Kneedle).
+
+    Satopää et al., "Finding a 'Kneedle' in a Haystack", ICDCSW 2011: scale the sorted curve and
+    its x axis to ``[0, 1]``, and take the point farthest above the chord joining its ends.
+    Returns ``[B]`` counts in ``[1, n_valid]`` (0 for an empty row).
+
+    >>> knee_count(torch.tensor([[10.0, 9.0, 8.5, 1.0, 0.9, 0.8, 0.7, 0.6]]))
+    tensor([3])
+    """
+    b, n = scores.shape
+    valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask
+    s = scores.double().masked_fill(~valid, -math.inf)
+    s = torch.sort(s, dim=1, descending=True).values
+    nv = valid.sum(dim=1)
+    pos = torch.arange(n, device=scores.device).unsqueeze(0)
+    inrow = pos < nv.unsqueeze(1)
+    first = s[:, :1]
+    last = s.gather(1, (nv - 1).clamp(min=0).unsqueeze(1))
+    span = (first - last).clamp(min=1e-300)
+    y = torch.where(inrow, (first - s) / span, torch.zeros_like(s))  # 0 at the top, 1 at the tail
+    x = pos.double() / (nv - 1).clamp(min=1).unsqueeze(1).double()
+    gap = (x - y).masked_fill(~inrow, -math.inf)  # the curve rises fastest before the knee
+    k = gap.argmax(dim=1) + 1
+    k = torch.where(nv <= 2, nv, k)
+    return torch.minimum(k, nv)
+
+
+def topk(scores: Tensor, budget: Budget | int | float | Tensor, *, mask: Tensor | None = None,
+         protected: int | Tensor | None = None) -> Tensor:
+    """Indices of the highest-scoring tokens, in original order.
+
+    Parameters
+    ----------
+    scores : Tensor ``[B, N]``
+        Higher = keep. NaN is an error.
+    budget : Budget, int, float or Tensor ``[B]``
+        How many survive (a float is a ratio, an int a count, a tensor a count per row).
+    mask : Tensor ``[B, N]``, optional
+        Validity mask; masked positions are never returned.
+    protected : int or bool Tensor ``[N]`` / ``[B, N]``, optional
+        Leading-token count or mask of tokens that always survive (a protected padding
+        position is ignored).
+
+    Returns
+    -------
+    Tensor ``[B, K]`` long
+        Sorted keep indices; rows keeping fewer than ``K`` are right-padded with ``-1``.
+        Ties are broken towards the lower index.
+
+    Examples
+    --------
+    >>> topk(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), 2)
+    tensor([[1, 3]])
+    >>> topk(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), 2, protected=1)
+    tensor([[0, 1]])
+    """
+    if not isinstance(scores, Tensor) or scores.ndim != 2:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise UniprunerError(f"scores must be a tensor [B, N], got {shape}")
+    check_finite(scores, "scores")
+    b, n = scores.shape
+    mask = check_mask(mask, b, n)
+    prot = protected_mask(protected, b, n, scores.device)
+    nv = valid_counts(mask, b, n, scores.device)
+    if isinstance(budget, Tensor):
+        if budget.shape != (b,):
+            raise UniprunerError(f"a per-row budget must have shape [B] = ({b},), got {tuple(budget.shape)}")
+        if bool((budget < 0).any()) or bool((budget > n).any()):
+            raise UniprunerError(f"per-row budgets must lie in [0, {n}], got {budget.tolist()}")
+        k = torch.minimum(budget.long().to(scores.device), nv)
+    else:
+        k = Budget.coerce(budget).counts(nv, n_max=n, scores=scores, mask=mask)
+    s = scores.float() if not scores.is_floating_point() else scores
+    if prot is not None:
+        if mask is not None:
+            prot = prot & mask
+        k = torch.maximum(k, prot.sum(dim=1))
+        s = s.masked_fill(prot, math.inf)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    kmax = int(k.max()) if b > 0 else 0
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kmax]
+    rank = torch.arange(kmax, device=scores.device).unsqueeze(0)
+    keep = rank < k.unsqueeze(1)
+    big = torch.iinfo(torch.long).max
+    idx = torch.sort(order.masked_fill(~keep, big), dim=1).values
+    return idx.masked_fill(idx == big, -1)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One budget per layer (or per step): ``Schedule([Budget(ratio=.5), Budget(ratio=.25)])``.
+
+    Entries may be :class:`Budget`, a float (ratio), an int (count) or ``None`` (no pruning at
+    that layer).
+
+    >>> s = Schedule.linear(1.0, 0.5, 3)
+    >>> [b.ratio for b in s]
+    [1.0, 0.75, 0.5]
+    """
+
+    budgets: tuple[Budget | None, ...]
+
+    def __init__(self, budgets: Sequence[Budget | float | int | None]) -> None:
+        if len(budgets) == 0:
+            raise UniprunerError("a Schedule needs at least one entry")
+        out = tuple(None if b is None else Budget.coerce(b) for b in budgets)
+        object.__setattr__(self, "budgets", out)
+
+    @classmethod
+    def constant(cls, budget: Budget | float | int, n_layers: int) -> Schedule:
+        """The same budget at every layer."""
+        return cls([budget] * n_layers)
+
+    @classmethod
+    def linear(cls, start: float, end: float, n_layers: int) -> Schedule:
+        """Ratios interpolated linearly from ``start`` (first layer) to ``end`` (last layer)."""
+        if n_layers < 1:
+            raise UniprunerError(f"n_layers must be >= 1, got {n_layers}")
+        if n_layers == 1:
+            return cls([Budget(ratio=end)])
+        return cls([Budget(ratio=round(start + (end - start) * i / (n_layers - 1), 10))
+                    for i in range(n_layers)])
+
+    def __len__(self) -> int:
+        return len(self.budgets)
+
+    def __iter__(self) -> Iterator[Budget | None]:
+        return iter(self.budgets)
+
+    def __getitem__(self, layer: int) -> Budget | None:
+        if not -len(self.budgets) <= layer < len(self.budgets):
+            raise UniprunerError(f"layer {layer} is outside this {len(self.budgets)}-layer schedule")
+        return self.budgets[layer]
+
+
+def r_schedule(r: int | tuple[int, float] | Sequence[int], n_layers: int) -> list[int]:
+    """Tokens merged per layer for ToMe-style schedules.
+
+    Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023. ``r`` is an int (constant),
+    ``(r, inflection)`` with ``inflection`` in ``[-1, 1]`` (-1: decreasing across layers,
+    0: constant, +1: increasing; the mean stays ``r``), or an explicit list (one per layer).
+
+    >>> r_schedule(8, 3)
+    [8, 8, 8]
+    >>> r_schedule((8, -1.0), 3)
+    [16, 8, 0]
+    """
+    if n_layers < 1:
+        raise UniprunerError(f"n_layers must be >= 1, got {n_layers}")
+    if isinstance(r, int) and not isinstance(r, bool):
+        if r < 0:
+            raise UniprunerError(f"r must be >= 0, got {r}")
+        return [r] * n_layers
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, infl = int(r[0]), float(r[1])
+        if base < 0 or not -1.0 <= infl <= 1.0:
+            raise UniprunerError(f"(r, inflection) needs r >= 0 and inflection in [-1, 1], got {r}")
+        if n_layers == 1:
+            return [base]
+        return [max(0, int(base + infl * base * (2 * i / (n_layers - 1) - 1))) for i in range(n_layers)]
+    rs = [int(x) for x in r]  # type: ignore[union-attr]
+    if len(rs) != n_layers or any(x < 0 for x in rs):
+        raise UniprunerError(f"an explicit r schedule needs {n_layers} non-negative ints, got {rs}")
+    return rs
