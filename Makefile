@@ -41,7 +41,7 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy unipruner
 
-test: install-dev lint
+test: install-dev lint typecheck
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider
 
 bench: install-dev

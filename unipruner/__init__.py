@@ -13,7 +13,7 @@ Every method from the literature is a small frozen dataclass in the registry:
 from __future__ import annotations
 
 from .errors import MissingDependencyError, UniprunerError
-# (methods import restored once scorers land)
+from .methods import Method, MethodInfo, Reduced, method, methods
 from .select import Budget, Schedule, topk
 
 __version__ = "0.1.0"

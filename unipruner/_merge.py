@@ -39,7 +39,9 @@ class MergePlan:
 
     def __post_init__(self) -> None:
         if self.dst.ndim != 2 or self.dst.dtype != torch.long:
-            raise UniprunerError(f"MergePlan.dst must be a long tensor [B, N], got {self.dst.dtype} {tuple(self.dst.shape)}")
+            raise UniprunerError(
+                f"MergePlan.dst must be a long tensor [B, N], got {self.dst.dtype} {tuple(self.dst.shape)}"
+            )
 
     @property
     def n_in(self) -> int:
@@ -51,7 +53,9 @@ class MergePlan:
         if mode not in _MODES:
             raise UniprunerError(f"merge mode must be one of {_MODES}, got {mode!r}")
         if x.shape[:2] != self.dst.shape:
-            raise UniprunerError(f"merge expects [B, N, ...] = {tuple(self.dst.shape)} leading dims, got {tuple(x.shape)}")
+            raise UniprunerError(
+                f"merge expects [B, N, ...] = {tuple(self.dst.shape)} leading dims, got {tuple(x.shape)}"
+            )
         b, n = self.dst.shape
         dst = torch.where(self.dst < 0, torch.full_like(self.dst, self.n_out), self.dst)
         idx = dst.reshape(b, n, *([1] * (x.ndim - 2))).expand_as(x)

@@ -113,5 +113,7 @@ def protected_mask(protected: int | Tensor | None, batch: int, n: int,
     if p.ndim == 1:
         p = p.unsqueeze(0).expand(batch, -1)
     if tuple(p.shape) != (batch, n):
-        raise UniprunerError(f"protected mask must have shape [N] or [B, N] = {(batch, n)}, got {tuple(protected.shape)}")
+        raise UniprunerError(
+            f"protected mask must have shape [N] or [B, N] = {(batch, n)}, got {tuple(protected.shape)}"
+        )
     return p.bool()

@@ -174,7 +174,7 @@ def knee_count(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     >>> knee_count(torch.tensor([[10.0, 9.0, 8.5, 1.0, 0.9, 0.8, 0.7, 0.6]]))
     tensor([3])
     """
-    b, n = scores.shape
+    n = scores.shape[1]
     valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask
     s = scores.double().masked_fill(~valid, -math.inf)
     s = torch.sort(s, dim=1, descending=True).values

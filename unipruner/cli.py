@@ -1,0 +1,78 @@
+"""The ``unipruner`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import MissingDependencyError, UniprunerError
+from .methods import DOMAINS, FAMILIES, methods
+
+app = typer.Typer(
+    name="unipruner",
+    help="Token pruning and merging for ViTs, VLMs, KV caches, RAG, ColBERT and diffusion.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"unipruner {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """unipruner: score -> select -> reduce, one core for six domains."""
+
+
+@app.command("methods")
+def methods_cmd(
+    family: Annotated[str | None, typer.Option(help=f"Only this family: {', '.join(FAMILIES)}.")] = None,
+    domain: Annotated[str | None, typer.Option(help=f"Only this domain: {', '.join(DOMAINS)}.")] = None,
+) -> None:
+    """List every registered method with its family, paper and domains."""
+    console = Console()
+    try:
+        rows = methods(family=family, domain=domain)
+    except UniprunerError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from err
+    table = Table(title=f"unipruner methods ({len(rows)})", show_lines=False)
+    for col in ("name", "family", "domains", "needs", "what it does", "paper"):
+        table.add_column(col, overflow="fold")
+    for m in rows:
+        table.add_row(m.name, m.family, ", ".join(m.domains), ", ".join(m.requires) or "tokens",
+                      m.summary, m.paper)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    ratio: Annotated[float, typer.Option(help="Fraction of tokens kept.", min=0.0, max=1.0)] = 0.25,
+    section: Annotated[list[str] | None, typer.Option(help="Run only these sections.")] = None,
+) -> None:
+    """Run the main job on the bundled offline models."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from .demo import run
+
+    console = Console()
+    try:
+        run(console, ratio=ratio, sections=section)
+    except (MissingDependencyError, UniprunerError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from err
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

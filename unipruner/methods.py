@@ -1,0 +1,821 @@
+"""The method registry: one small frozen dataclass per method from the literature.
+
+Every method answers "which tokens survive?" through the same interface:
+
+* ``score(tokens, *, mask=None, **signals) -> [B, N]`` (scoring methods only; higher = keep),
+* ``select(tokens, *, mask=None, **signals) -> LongTensor [B, K]`` (sorted keep indices,
+  right-padded with ``-1`` in ragged batches),
+* ``reduce(tokens, *, mask=None, sizes=None, **signals) -> Reduced`` (the reduced sequence:
+  kept, merged, pooled or fused tokens, their sizes and the plan to unmerge them),
+* merging methods also expose ``match(metric, r) -> (merge, unmerge)`` closures.
+
+Signals are passed by name: ``attn=`` (``[B, H, N, N]``, ``[B, N, N]`` or the last rows
+``[B, H, Q, N]``), ``query=`` (``[B, D]``), ``keys=``, ``values=``, ``sizes=``, ``previous=``
+(hidden states before the layer), ``token_ids=``, ``hw=`` (``(h, w)`` grid for 2-D methods).
+
+Methods hold only their settings (no state), so one instance can serve many models at once.
+
+>>> import torch, unipruner
+>>> m = unipruner.method("divprune", keep=4)
+>>> m.select(torch.randn(2, 16, 8)).shape
+torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from . import reduce as _reduce
+from ._merge import MergeFn, MergePlan, UnmergeFn
+from ._validate import check_mask, check_tokens, valid_counts
+from .errors import UniprunerError
+from .scorers import diversity, graph, importance, similarity
+from .select import Budget, topk
+
+__all__ = [
+    "MergingMethod",
+    "Method",
+    "MethodInfo",
+    "Reduced",
+    "ScoringMethod",
+    "method",
+    "methods",
+]
+
+DOMAINS = ("vit", "vlm", "kv", "rag", "colbert", "diffusion")
+FAMILIES = ("importance", "similarity", "graph", "diversity")
+REDUCTIONS = ("drop", "merge", "fuse")
+
+
+@dataclass(frozen=True, eq=False)
+class Reduced:
+    """A reduced token sequence.
+
+    Attributes
+    ----------
+    tokens : Tensor ``[B, K, D]``
+    mask : Tensor ``[B, K]`` or None
+        Validity of each output slot (``None`` = all valid).
+    indices : Tensor ``[B, K]``
+        Original position each output token stands for (its representative); ``-1`` for
+        padding and for aggregate (fused/recycled) tokens.
+    sizes : Tensor ``[B, K, 1]``
+        How many original tokens each output token stands for.
+    plan : MergePlan or None
+        Maps every input token to its output slot (``None`` for pure dropping); use
+        ``plan.unmerge(y)`` to spread per-slot outputs back over the input tokens.
+    """
+
+    tokens: Tensor
+    mask: Tensor | None
+    indices: Tensor
+    sizes: Tensor
+    plan: MergePlan | None = None
+
+
+def _metric(tokens: Tensor, signals: Mapping[str, Any]) -> Tensor:
+    """The similarity metric of matching / diversity methods: the keys when given, else the tokens."""
+    keys = signals.get("keys")
+    if keys is None:
+        return tokens
+    if not isinstance(keys, Tensor) or keys.shape[:2] != tokens.shape[:2]:
+        raise UniprunerError(f"keys must be a tensor [B, N, Dk] matching the tokens {tuple(tokens.shape[:2])}")
+    return keys
+
+
+def _budget_default() -> Budget:
+    return Budget(ratio=0.5)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base class of every registered method: a budget, protected leading tokens, a reduction."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    domains: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+
+    budget: Budget = field(default_factory=_budget_default)
+    protected: int = 0
+    reduction: str = "drop"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", Budget.coerce(self.budget))
+        if not isinstance(self.protected, int) or self.protected < 0:
+            raise UniprunerError(f"protected must be a non-negative int, got {self.protected!r}")
+        if self.reduction not in REDUCTIONS:
+            raise UniprunerError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+
+    # -- signals -----------------------------------------------------------------------------
+    def _need(self, signals: Mapping[str, Any], key: str) -> Any:
+        value = signals.get(key)
+        if value is None:
+            raise UniprunerError(
+                f"method {self.name!r} needs the signal {key}= (it uses {', '.join(self.requires)})"
+            )
+        return value
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        """Sorted keep indices ``[B, K]`` (``-1``-padded in ragged batches)."""
+        raise NotImplementedError  # pragma: no cover - every concrete method overrides it
+
+    def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
+               **signals: Any) -> Reduced:
+        """Select, then drop / merge / fuse the rest according to ``self.reduction``."""
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        keep = self.select(tokens, mask=mask, **signals)
+        return _apply_reduction(self.reduction, tokens, keep, mask=mask, sizes=sizes,
+                                scores=self._fuse_weights(tokens, mask, signals))
+
+    def _fuse_weights(self, tokens: Tensor, mask: Tensor | None,
+                      signals: Mapping[str, Any]) -> Tensor | None:
+        return None
+
+
+def _apply_reduction(reduction: str, tokens: Tensor, keep: Tensor, *, mask: Tensor | None,
+                     sizes: Tensor | None, scores: Tensor | None) -> Reduced:
+    b = tokens.shape[0]
+    if sizes is None:
+        sizes = torch.ones_like(tokens[..., :1])
+    if reduction == "drop":
+        kept, kmask = _reduce.drop(tokens, keep, mask)
+        ksizes, _ = _reduce.drop(sizes, keep, mask)
+        return Reduced(kept, kmask, keep, ksizes)
+    if reduction == "merge":
+        merged, msizes, plan = _reduce.merge_pruned(tokens, keep, size=sizes, mask=mask)
+        return Reduced(merged, plan.out_mask, keep, msizes, plan)
+    # fuse: EViT folds every inattentive token into one extra token, weighted by its score
+    out, omask, osizes = _reduce.recycle(tokens, keep, 1, scores=scores, size=sizes, mask=mask)
+    idx = torch.cat([keep, torch.full((b, 1), -1, dtype=keep.dtype, device=keep.device)], dim=1)
+    return Reduced(out, omask, idx, osizes)
+
+
+@dataclass(frozen=True)
+class ScoringMethod(Method):
+    """A method that scores tokens and keeps the top ones (in original order)."""
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        """Scores ``[B, N]`` (higher = keep; masked positions are ``-inf``)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        s = self.score(tokens, mask=mask, **signals)
+        return topk(s, self.budget, mask=mask, protected=self.protected)
+
+    def _fuse_weights(self, tokens: Tensor, mask: Tensor | None,
+                      signals: Mapping[str, Any]) -> Tensor | None:
+        return self.score(tokens, mask=mask, **signals)
+
+
+# ----------------------------------------------------------------------------------------------
+# importance
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CLSAttention(ScoringMethod):
+    """EViT: keep the tokens the CLS token attends to most; optionally fuse the rest into one."""
+
+    name: ClassVar[str] = "evit"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Liang et al., Not All Patches are What You Need (EViT), ICLR 2022"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm")
+    requires: ClassVar[tuple[str, ...]] = ("attn",)
+    summary: ClassVar[str] = "CLS-token attention, top-k; inattentive tokens fused (reduction='fuse')"
+    protected: int = 1
+    cls_index: int = 0
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.cls_attention(self._need(signals, "attn"), cls_index=self.cls_index,
+                                        mask=mask)
+
+
+@dataclass(frozen=True)
+class LastQueryAttention(ScoringMethod):
+    """FastV: keep the tokens the last query attends to most (mean over heads)."""
+
+    name: ClassVar[str] = "fastv"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2 (FastV), ECCV 2024"
+    domains: ClassVar[tuple[str, ...]] = ("vlm", "kv")
+    requires: ClassVar[tuple[str, ...]] = ("attn",)
+    summary: ClassVar[str] = "attention from the last query row (or the last n rows)"
+    n_queries: int = 1
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.query_attention(self._need(signals, "attn"), queries=self.n_queries,
+                                          mask=mask)
+
+
+@dataclass(frozen=True)
+class TOVA(LastQueryAttention):
+    """TOVA: evict the token the current (last) query attends to least."""
+
+    name: ClassVar[str] = "tova"
+    paper: ClassVar[str] = "Oren et al., Transformers are Multi-State RNNs (TOVA), EMNLP 2024"
+    domains: ClassVar[tuple[str, ...]] = ("kv",)
+    summary: ClassVar[str] = "last-token attention, applied as a fixed-size eviction policy"
+
+
+@dataclass(frozen=True)
+class TextAttention(ScoringMethod):
+    """SparseVLM: keep the visual tokens the selected text tokens attend to most."""
+
+    name: ClassVar[str] = "sparsevlm"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Zhang et al., SparseVLM: Visual Token Sparsification for VLMs, ICML 2025"
+    domains: ClassVar[tuple[str, ...]] = ("vlm",)
+    requires: ClassVar[tuple[str, ...]] = ("attn", "text_queries")
+    summary: ClassVar[str] = "text-to-token attention (rows of chosen text tokens)"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.query_attention(self._need(signals, "attn"),
+                                          queries=self._need(signals, "text_queries"), mask=mask)
+
+
+@dataclass(frozen=True)
+class H2O(ScoringMethod):
+    """H2O heavy hitters: accumulated attention per key (optionally / number of attending rows)."""
+
+    name: ClassVar[str] = "h2o"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference, NeurIPS 2023"
+    domains: ClassVar[tuple[str, ...]] = ("kv", "vlm")
+    requires: ClassVar[tuple[str, ...]] = ("attn",)
+    summary: ClassVar[str] = "column sums of the causal attention map (normalize: / (n - j))"
+    normalize: bool = False
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.accumulated_attention(self._need(signals, "attn"),
+                                                normalize=self.normalize, mask=mask)
+
+
+@dataclass(frozen=True)
+class SnapKV(ScoringMethod):
+    """SnapKV: observation-window attention, pooled, window always kept."""
+
+    name: ClassVar[str] = "snapkv"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024"
+    domains: ClassVar[tuple[str, ...]] = ("kv", "vlm")
+    requires: ClassVar[tuple[str, ...]] = ("attn",)
+    summary: ClassVar[str] = "window queries' attention summed per key, 1-D pooled (kernel 5)"
+    window: int = 32
+    kernel: int = 5
+    pool: str = "avg"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        attn = self._need(signals, "attn")
+        if attn.ndim == 4:
+            attn = attn.mean(dim=1)
+        s = importance.snapkv(attn, window=self.window, kernel=self.kernel, pool=self.pool)
+        return s if mask is None else s.masked_fill(~mask, -math.inf)
+
+
+@dataclass(frozen=True)
+class VATP(ScoringMethod):
+    """VATP: accumulated attention times the value norm; the first sink tokens are kept."""
+
+    name: ClassVar[str] = "vatp"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Guo et al., Attention Score is not All You Need for Token Importance (VATP), EMNLP 2024"
+    domains: ClassVar[tuple[str, ...]] = ("kv",)
+    requires: ClassVar[tuple[str, ...]] = ("attn", "values")
+    summary: ClassVar[str] = "accumulated attention x ||v||_1, sinks forced"
+    protected: int = 4
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        acc = importance.accumulated_attention(self._need(signals, "attn"), mask=mask)
+        values = self._need(signals, "values")
+        if values.ndim == 4:  # [B, H, N, D] -> mean value norm over heads
+            return importance.value_aware(acc.unsqueeze(1).expand(-1, values.shape[1], -1),
+                                          values).mean(dim=1)
+        return importance.value_aware(acc, values)
+
+
+@dataclass(frozen=True)
+class KNorm(ScoringMethod):
+    """KNorm: keep the keys with the lowest L2 norm."""
+
+    name: ClassVar[str] = "knorm"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = (
+        "Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, EMNLP 2024"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("kv",)
+    requires: ClassVar[tuple[str, ...]] = ("keys",)
+    summary: ClassVar[str] = "-||k_j||_2 (uses the tokens when no keys are given)"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        keys = signals.get("keys")
+        s = importance.key_norm(tokens if keys is None else keys)
+        if s.ndim == 3:
+            s = s.mean(dim=1)
+        return s if mask is None else s.masked_fill(~mask, -math.inf)
+
+
+@dataclass(frozen=True)
+class HiddenNorm(ScoringMethod):
+    """Keep the tokens whose hidden state has the largest L2 norm."""
+
+    name: ClassVar[str] = "hidden_norm"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = (
+        "Hidden-state magnitude baseline (e.g. Kobayashi et al., Attention is Not Only a Weight, EMNLP 2020)"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "kv", "colbert")
+    summary: ClassVar[str] = "||h_j||_2"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.hidden_norm(tokens, mask=mask)
+
+
+@dataclass(frozen=True)
+class TokenTransition(ScoringMethod):
+    """TransPrune: keep the tokens whose representation changed most across the layer."""
+
+    name: ClassVar[str] = "transprune"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Li et al., TransPrune: Token Transition Pruning for Efficient LVLMs, 2025"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm")
+    requires: ClassVar[tuple[str, ...]] = ("previous",)
+    summary: ClassVar[str] = "change of h_j between layers (magnitude and/or direction)"
+    mode: str = "both"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.token_transition(self._need(signals, "previous"), tokens,
+                                           mode=self.mode, mask=mask)
+
+
+@dataclass(frozen=True)
+class StreamingLLM(ScoringMethod):
+    """StreamingLLM: the first ``n_sink`` tokens plus the most recent ones."""
+
+    name: ClassVar[str] = "streamingllm"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024"
+    domains: ClassVar[tuple[str, ...]] = ("kv",)
+    summary: ClassVar[str] = "positional: n_sink sinks + most recent tokens"
+    n_sink: int = 4
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        b, n = tokens.shape[:2]
+        return importance.positional(b, n, n_sink=self.n_sink, mask=mask, device=tokens.device)
+
+
+@dataclass(frozen=True, eq=False)
+class IDF(ScoringMethod):
+    """Keep rare tokens: inverse document frequency of each token id in a collection."""
+
+    name: ClassVar[str] = "idf"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Lassance et al., A Study on Token Pruning for ColBERT, 2021"
+    domains: ClassVar[tuple[str, ...]] = ("colbert", "rag")
+    requires: ClassVar[tuple[str, ...]] = ("token_ids", "doc_freq", "n_docs")
+    summary: ClassVar[str] = "BM25 idf of the token id (needs the collection's document frequencies)"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.idf(self._need(signals, "token_ids"), self._need(signals, "doc_freq"),
+                              self._need(signals, "n_docs"), mask=mask)
+
+
+@dataclass(frozen=True)
+class QuerySimilarity(ScoringMethod):
+    """Keep the tokens most similar to a query embedding (cosine; MaxSim for query matrices)."""
+
+    name: ClassVar[str] = "query_similarity"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = (
+        "Chen et al., Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by "
+        "Text Information, 2024"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("vlm", "rag", "colbert")
+    requires: ClassVar[tuple[str, ...]] = ("query",)
+    summary: ClassVar[str] = "cos(token, query)"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.query_similarity(tokens, self._need(signals, "query"), mask=mask)
+
+
+@dataclass(frozen=True)
+class RandomPrune(ScoringMethod):
+    """Uniformly random selection: the baseline every method must beat."""
+
+    name: ClassVar[str] = "random"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "random baseline"
+    domains: ClassVar[tuple[str, ...]] = DOMAINS
+    summary: ClassVar[str] = "uniform random scores (seeded)"
+    seed: int = 0
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        s = importance.random_scores(tokens.shape[0], tokens.shape[1], generator=g).to(tokens.device)
+        return s if mask is None else s.masked_fill(~mask, -math.inf)
+
+
+# ----------------------------------------------------------------------------------------------
+# graph
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZeroTPrune(ScoringMethod):
+    """Zero-TPrune: weighted PageRank importance over the attention graph."""
+
+    name: ClassVar[str] = "zero_tprune"
+    family: ClassVar[str] = "graph"
+    paper: ClassVar[str] = "Wang et al., Zero-TPrune: Zero-Shot Token Pruning through the Attention Graph, CVPR 2024"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm")
+    requires: ClassVar[tuple[str, ...]] = ("attn",)
+    summary: ClassVar[str] = "weighted PageRank over the head-averaged attention graph"
+    protected: int = 1
+    damping: float = 0.85
+    tol: float = 1e-6
+    max_iter: int = 100
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return graph.pagerank(self._need(signals, "attn"), damping=self.damping, tol=self.tol,
+                              max_iter=self.max_iter, mask=mask)
+
+
+@dataclass(frozen=True)
+class GPrune(ScoringMethod):
+    """G-Prune: importance propagated over a k-NN token similarity graph."""
+
+    name: ClassVar[str] = "gprune"
+    family: ClassVar[str] = "graph"
+    paper: ClassVar[str] = "Jiang et al., What Kind of Visual Tokens Do We Need? (G-Prune), AAAI 2025"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "colbert")
+    summary: ClassVar[str] = "similarity-graph propagation of (given or uniform) importance"
+    k: int = 8
+    alpha: float = 0.5
+    n_iter: int = 10
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return graph.similarity_propagation(tokens, signals.get("scores"), k=self.k,
+                                            alpha=self.alpha, n_iter=self.n_iter, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# diversity (set-valued selectors)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DivPrune(Method):
+    """DivPrune: max-min diverse subset (distance 1 - cos)."""
+
+    name: ClassVar[str] = "divprune"
+    family: ClassVar[str] = "diversity"
+    paper: ClassVar[str] = "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for LMMs, CVPR 2025"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "kv", "colbert")
+    summary: ClassVar[str] = "greedy max-min diversity on 1 - cos"
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        metric = _metric(tokens, signals)
+        return diversity.divprune(metric, self.budget, mask=mask, protected=self.protected or None)
+
+
+@dataclass(frozen=True)
+class KCenter(Method):
+    """Greedy k-center (farthest-first traversal) on L2-normalised tokens."""
+
+    name: ClassVar[str] = "kcenter"
+    family: ClassVar[str] = "diversity"
+    paper: ClassVar[str] = "Gonzalez 1985; ToDRE: Li et al., Beyond Attention or Similarity, 2025"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "colbert")
+    summary: ClassVar[str] = "farthest-first traversal starting from the most central token"
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return diversity.kcenter(tokens, self.budget, scores=signals.get("scores"), mask=mask,
+                                 protected=self.protected or None)
+
+
+@dataclass(frozen=True)
+class MMR(Method):
+    """Maximal marginal relevance: relevance to the query minus redundancy with the picks."""
+
+    name: ClassVar[str] = "mmr"
+    family: ClassVar[str] = "diversity"
+    paper: ClassVar[str] = "Carbonell & Goldstein, The Use of MMR, Diversity-Based Reranking, SIGIR 1998"
+    domains: ClassVar[tuple[str, ...]] = ("rag", "vlm", "colbert")
+    requires: ClassVar[tuple[str, ...]] = ("query",)
+    summary: ClassVar[str] = "lambda * cos(q, d) - (1 - lambda) * max cos(d, chosen)"
+    lambda_: float = 0.5
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return diversity.mmr(tokens, self._need(signals, "query"), self.budget,
+                             lambda_=self.lambda_, mask=mask, protected=self.protected or None)
+
+
+# ----------------------------------------------------------------------------------------------
+# similarity (duplication, matching, pooling)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DART(Method):
+    """DART: keep the tokens least duplicated with a few pivot tokens."""
+
+    name: ClassVar[str] = "dart"
+    family: ClassVar[str] = "similarity"
+    paper: ClassVar[str] = (
+        "Wen et al., Stop Looking for Important Tokens in MLLMs: Duplication Matters More (DART), 2025"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("vlm", "kv", "vit")
+    summary: ClassVar[str] = "pivots by key L1 norm; keep the tokens least similar to each pivot"
+    n_pivots: int = 8
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return similarity.dart(tokens, self.budget, keys=signals.get("keys"),
+                               n_pivots=self.n_pivots, pivot_tokens=signals.get("pivot_tokens"),
+                               mask=mask, protected=self.protected or None)
+
+
+@dataclass(frozen=True)
+class MergingMethod(Method):
+    """A method that merges tokens (size-weighted) instead of dropping them."""
+
+    reduction: str = "merge"
+
+    def match(self, metric: Tensor, r: int, **signals: Any) -> tuple[MergeFn, UnmergeFn]:
+        """One matching round that removes ``r`` tokens: ``(merge, unmerge)`` closures."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _rounds(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
+                ) -> tuple[MergePlan, Tensor]:
+        """Compose matching rounds until the budget is met: ``(plan over the input, representative index)``."""
+        b, n = tokens.shape[:2]
+        if mask is not None and not bool(mask.all()):
+            raise UniprunerError(
+                f"{self.name!r} merges whole batches: ragged (masked) batches are not supported; "
+                "reduce each sequence separately"
+            )
+        target = int(self.budget.counts(valid_counts(None, b, n, tokens.device), n_max=n,
+                                        scores=None if not self.budget.data_dependent else
+                                        torch.zeros(b, n, device=tokens.device))[0])
+        target = max(target, self.protected, 1)
+        metric = _metric(tokens, signals)
+        dst = torch.arange(n, device=tokens.device).expand(b, n).clone()  # input -> current slot
+        rep = dst.clone()  # current slot -> representative input position
+        cur = n
+        while cur > target:
+            r = self._round_size(cur, target)
+            if r <= 0:
+                break
+            merge, _ = self.match(metric, r, **signals)
+            plan = MergePlan.from_fn(merge)
+            metric = merge(metric, mode="mean")
+            # representative of each new slot: the smallest member position (the destination
+            # token keeps its place in original order)
+            rep = plan.merge(rep.unsqueeze(-1).double(), mode="amin").squeeze(-1).long()
+            dst = plan.dst.gather(1, dst)
+            cur = plan.n_out
+        return MergePlan(dst, cur), rep
+
+    def _round_size(self, cur: int, target: int) -> int:
+        return min(cur - target, (cur - self.protected) // 2)
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        """Original positions of the surviving (representative) tokens, sorted."""
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        _, rep = self._rounds(tokens, mask, signals)
+        return torch.sort(rep, dim=1).values
+
+    def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
+               **signals: Any) -> Reduced:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        plan, rep = self._rounds(tokens, mask, signals)
+        merged, msizes = _reduce.merge_wavg(plan, tokens, sizes)
+        return Reduced(merged, None, rep, msizes, plan)
+
+
+@dataclass(frozen=True)
+class ToMe(MergingMethod):
+    """ToMe: bipartite soft matching, size-weighted merging, order kept."""
+
+    name: ClassVar[str] = "tome"
+    family: ClassVar[str] = "similarity"
+    paper: ClassVar[str] = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023"
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "diffusion")
+    summary: ClassVar[str] = "bipartite soft matching on keys; merge top-r edges; sizes tracked"
+
+    def match(self, metric: Tensor, r: int, **signals: Any) -> tuple[MergeFn, UnmergeFn]:
+        return similarity.bipartite_soft_matching(metric, r, protected=self.protected)
+
+
+@dataclass(frozen=True)
+class ToMeSD(MergingMethod):
+    """ToMeSD: one destination per sx x sy window, merge the most similar sources."""
+
+    name: ClassVar[str] = "tomesd"
+    family: ClassVar[str] = "similarity"
+    paper: ClassVar[str] = "Bolya & Hoffman, Token Merging for Fast Stable Diffusion, CVPRW 2023"
+    domains: ClassVar[tuple[str, ...]] = ("diffusion", "vit")
+    requires: ClassVar[tuple[str, ...]] = ("hw",)
+    summary: ClassVar[str] = "2-D stride matching (random or fixed destinations per window)"
+    sx: int = 2
+    sy: int = 2
+    random_dst: bool = True
+    seed: int = 0
+
+    def _rounds(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
+                ) -> tuple[MergePlan, Tensor]:
+        # one round only: the merged sequence is no longer a grid
+        b, n = tokens.shape[:2]
+        if mask is not None and not bool(mask.all()):
+            raise UniprunerError("'tomesd' works on full latent grids; masks are not supported")
+        target = self.budget.count(n) if not self.budget.data_dependent else n
+        h, w = self._need(signals, "hw")
+        cap = n - math.ceil(h / self.sy) * math.ceil(w / self.sx)
+        if n - target > cap:
+            raise UniprunerError(
+                f"tomesd can remove at most {cap} of {n} tokens with {self.sx}x{self.sy} windows "
+                f"(one destination per window); the budget asks to remove {n - target}"
+            )
+        metric = _metric(tokens, signals)
+        merge, _ = self.match(metric, n - target, hw=(h, w))
+        plan = MergePlan.from_fn(merge)
+        pos = torch.arange(n, device=tokens.device).expand(b, n).unsqueeze(-1).double()
+        rep = plan.merge(pos, mode="amin").squeeze(-1).long()
+        return plan, rep
+
+    def match(self, metric: Tensor, r: int, **signals: Any) -> tuple[MergeFn, UnmergeFn]:
+        h, w = self._need(signals, "hw")
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        return similarity.stride_matching_2d(metric, w, h, self.sx, self.sy, r,
+                                             random_dst=self.random_dst, generator=g)
+
+
+@dataclass(frozen=True)
+class _Pooling(MergingMethod):
+    """Pool tokens by clustering: each cluster becomes its mean (protected leading tokens kept)."""
+
+    family: ClassVar[str] = "similarity"
+    domains: ClassVar[tuple[str, ...]] = ("colbert", "vit", "vlm")
+    paper: ClassVar[str] = (
+        "Clavié et al., Reducing the Footprint of Multi-Vector Retrieval with Minimal Performance "
+        "Impact via Token Pooling, 2024"
+    )
+    _labels: ClassVar[Callable[..., Tensor]]
+
+    def _rounds(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
+                ) -> tuple[MergePlan, Tensor]:
+        b, n = tokens.shape[:2]
+        p = self.protected
+        nv = valid_counts(mask, b, n, tokens.device)
+        if self.budget.data_dependent:
+            raise UniprunerError(f"{self.name!r} needs a ratio or keep budget")
+        k = torch.maximum(self.budget.counts(nv, n_max=n), torch.full_like(nv, p))
+        rest_mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device) if mask is None else mask.clone()
+        rest_mask[:, :p] = False
+        n_clusters = (k - p).clamp(min=1)
+        labels = self._cluster(tokens, n_clusters, rest_mask)
+        labels = torch.where(rest_mask, labels + p, labels)
+        labels[:, :p] = torch.arange(p, device=tokens.device)
+        plan = _reduce.plan_from_labels(labels, int((n_clusters + p).max()))
+        pos = torch.arange(n, device=tokens.device).expand(b, n).unsqueeze(-1).double()
+        pos = torch.where(labels.unsqueeze(-1) < 0, torch.full_like(pos, math.inf), pos)
+        rep = plan.merge(pos, mode="amin").squeeze(-1)
+        rep = torch.where(torch.isfinite(rep), rep, torch.full_like(rep, -1)).long()
+        return plan, rep
+
+    def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        _, rep = self._rounds(tokens, mask, signals)
+        big = torch.iinfo(torch.long).max
+        out = torch.sort(rep.masked_fill(rep < 0, big), dim=1).values
+        return out.masked_fill(out == big, -1)
+
+    def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
+               **signals: Any) -> Reduced:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        plan, rep = self._rounds(tokens, mask, signals)
+        if sizes is None:
+            sizes = torch.ones_like(tokens[..., :1])
+        if mask is not None:
+            sizes = sizes * mask.unsqueeze(-1)
+        merged, msizes = _reduce.merge_wavg(plan, tokens, sizes)
+        return Reduced(merged, plan.out_mask, rep, msizes, plan)
+
+
+@dataclass(frozen=True)
+class WardPool(_Pooling):
+    """Hierarchical (Ward) token pooling on L2-normalised vectors."""
+
+    name: ClassVar[str] = "ward_pool"
+    summary: ClassVar[str] = "Ward clustering (Euclidean on unit vectors) -> cluster means"
+
+    def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
+        return _reduce.ward_labels(tokens, n_clusters, mask=mask)
+
+
+@dataclass(frozen=True)
+class KMeansPool(_Pooling):
+    """k-means token pooling (batched Lloyd, k-means++ seeding)."""
+
+    name: ClassVar[str] = "kmeans_pool"
+    summary: ClassVar[str] = "k-means clustering -> cluster means"
+    seed: int = 0
+
+    def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
+        return _reduce.kmeans_labels(tokens, n_clusters, mask=mask, seed=self.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------
+
+_CLASSES: tuple[type[Method], ...] = (
+    CLSAttention, LastQueryAttention, TOVA, TextAttention, H2O, SnapKV, VATP, KNorm, HiddenNorm,
+    TokenTransition, StreamingLLM, IDF, QuerySimilarity, RandomPrune,
+    ToMe, ToMeSD, DART, WardPool, KMeansPool,
+    ZeroTPrune, GPrune,
+    DivPrune, KCenter, MMR,
+)
+
+REGISTRY: Mapping[str, type[Method]] = MappingProxyType({c.name: c for c in _CLASSES})
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One row of :func:`methods`: what a method is and where it applies."""
+
+    name: str
+    family: str
+    paper: str
+    domains: tuple[str, ...]
+    requires: tuple[str, ...]
+    summary: str
+    cls: type[Method]
+
+
+def methods(family: str | None = None, domain: str | None = None) -> list[MethodInfo]:
+    """Every registered method, optionally filtered by family or domain.
+
+    >>> import unipruner
+    >>> len(unipruner.methods()) >= 20
+    True
+    >>> sorted({m.family for m in unipruner.methods()})
+    ['diversity', 'graph', 'importance', 'similarity']
+    """
+    if family is not None and family not in FAMILIES:
+        raise UniprunerError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if domain is not None and domain not in DOMAINS:
+        raise UniprunerError(f"unknown domain {domain!r}; choose from {DOMAINS}")
+    out = []
+    for c in _CLASSES:
+        if family is not None and c.family != family:
+            continue
+        if domain is not None and domain not in c.domains:
+            continue
+        out.append(MethodInfo(c.name, c.family, c.paper, c.domains, c.requires, c.summary, c))
+    return out
+
+
+def method(name: str, budget: Budget | float | int | None = None, *, ratio: float | None = None,
+           keep: int | None = None, threshold: float | None = None, **params: Any) -> Method:
+    """Build a registered method by name.
+
+    ``method("dart", keep=128)`` and ``method("dart", budget=Budget(keep=128))`` are the same
+    as ``DART(budget=Budget(keep=128))``.
+
+    >>> import unipruner
+    >>> unipruner.method("divprune", budget=unipruner.Budget(keep=64))
+    DivPrune(budget=Budget(keep=64), protected=0, reduction='drop')
+    """
+    cls = REGISTRY.get(name)
+    if cls is None:
+        close = [n for n in REGISTRY if name.lower().replace("-", "_") in n or n in name.lower()]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UniprunerError(f"unknown method {name!r}{hint}; `unipruner methods` lists them all")
+    if any(v is not None for v in (budget, ratio, keep, threshold)):
+        params["budget"] = Budget.coerce(budget, ratio=ratio, keep=keep, threshold=threshold)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise UniprunerError(f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
+    return cls(**params)
+
