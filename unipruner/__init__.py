@@ -18,6 +18,23 @@ from .select import Budget, Schedule, topk
 
 __version__ = "0.1.0"
 
+# Domain adapters, imported lazily so the core stays torch + numpy only:
+# unipruner.vit, unipruner.kv, unipruner.rag, unipruner.colbert
+_ADAPTERS = {
+    "vit": "unipruner.adapters.vit",
+    "kv": "unipruner.adapters.kv_cache",
+    "rag": "unipruner.adapters.rag",
+    "colbert": "unipruner.adapters.colbert",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _ADAPTERS:
+        import importlib
+
+        return importlib.import_module(_ADAPTERS[name])
+    raise AttributeError(f"module 'unipruner' has no attribute {name!r}")
+
 __all__ = [
     "Budget",
     "Method",

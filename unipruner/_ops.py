@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 __all__ = ["batched_gather", "cosine_matrix", "l2_normalize", "pairwise_sq_dist"]

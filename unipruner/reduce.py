@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._merge import MergeFn, MergePlan, UnmergeFn
 from ._ops import batched_gather, cosine_matrix
-from ._pooling import kmeans_labels, pool, recycle, ward_labels
+from ._pooling import kmeans_labels, pool, pool_plan, recycle, ward_labels
 from ._validate import check_mask
 from .errors import UniprunerError
 
@@ -32,6 +32,7 @@ __all__ = [
     "merge_wavg",
     "plan_from_labels",
     "pool",
+    "pool_plan",
     "recycle",
     "unmerge_from_source",
     "ward_labels",
