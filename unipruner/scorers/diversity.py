@@ -32,6 +32,7 @@ __all__ = ["divprune", "greedy_saliency_diversity", "kcenter", "mmr"]
 
 # Upper bound on the elements of one [B, chunk, N] block of pairwise similarities.
 _BLOCK = 1 << 24
+_GRAM = 1 << 26  # largest Gram matrix (elements) precomputed for the greedy selectors
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -165,9 +166,24 @@ def _pick_rows(x: Tensor, pick: Tensor) -> Tensor:
     return x.gather(1, pick.view(-1, 1, 1).expand(-1, 1, x.shape[2])).squeeze(1)
 
 
-def _dot_to(xn: Tensor, pick: Tensor) -> Tensor:
-    """Dot product of every token with row ``b``'s pick (cosine for unit rows): ``[B, N]``."""
-    return torch.bmm(xn, _pick_rows(xn, pick).unsqueeze(2)).squeeze(2)
+def _dot_fn(xn: Tensor, gram: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """``pick [B] -> [B, N]``: dot product of every token with row ``b``'s pick.
+
+    When the Gram matrix ``[B, N, N]`` fits in ``_GRAM`` elements it is computed once (one GEMM)
+    and each pick gathers a row; otherwise each pick is a batched matrix-vector product, which
+    re-reads all of ``xn`` (memory-bound: the slow path for long, wide sequences).
+    """
+    gram = _gram(xn) if gram is None else gram
+    if gram is not None:
+        n = xn.shape[1]
+        return lambda pick: gram.gather(1, pick.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)
+    return lambda pick: torch.bmm(xn, _pick_rows(xn, pick).unsqueeze(2)).squeeze(2)
+
+
+def _gram(xn: Tensor) -> Tensor | None:
+    """``xn @ xn^T`` when it fits in ``_GRAM`` elements, else None."""
+    b, n, _ = xn.shape
+    return xn @ xn.transpose(1, 2) if b * n * n <= _GRAM else None
 
 
 def divprune(tokens: Tensor, budget: Budget | int | float | Tensor, *, mask: Tensor | None = None,
@@ -213,14 +229,22 @@ def divprune(tokens: Tensor, budget: Budget | int | float | Tensor, *, mask: Ten
     """
     x, valid, prot, counts, _ = _setup(tokens, budget, mask, protected, "divprune")
     xn = l2_normalize(x)
+    gram = _gram(xn)
+    dot = _dot_fn(xn, gram)
     b, n, _ = x.shape
     has_prot = prot.any(dim=1)
     state = 1.0 - _set_extreme(xn, prot, _cos_pair) if bool(has_prot.any()) else (
         torch.full((b, n), math.inf, dtype=x.dtype, device=x.device))
     need_seed = bool((~has_prot & (counts > 0)).any())
-    seed = 1.0 - _set_extreme(xn, valid, _cos_pair, exclude_self=True) if need_seed else None
+    seed = None
+    if need_seed and gram is not None:  # nearest-neighbour distance from the Gram matrix
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        allowed = valid.unsqueeze(1) & ~eye
+        seed = 1.0 - gram.masked_fill(~allowed, -math.inf).amax(dim=2)
+    elif need_seed:
+        seed = 1.0 - _set_extreme(xn, valid, _cos_pair, exclude_self=True)
     chosen = _greedy(prot.clone(), valid, counts, state, lambda s: s, seed,
-                     lambda s, p: torch.minimum(s, 1.0 - _dot_to(xn, p)))
+                     lambda s, p: torch.minimum(s, 1.0 - dot(p)))
     return _indices(chosen, counts)
 
 
@@ -279,6 +303,7 @@ def kcenter(tokens: Tensor, budget: Budget | int | float | Tensor, *,
 
     x, valid, prot, counts, s = _setup(tokens, budget, mask, protected, "kcenter", _scores)
     xn = l2_normalize(x)
+    dot = _dot_fn(xn)
     b, n, _ = x.shape
     has_prot = prot.any(dim=1)
     # state = squared distance to the nearest centre
@@ -297,7 +322,7 @@ def kcenter(tokens: Tensor, budget: Budget | int | float | Tensor, *,
 
     def _update(st: Tensor, pick: Tensor) -> Tensor:
         # ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c : one batched mat-vec per pick
-        dist = sq_norm + sq_norm.gather(1, pick.unsqueeze(1)) - 2.0 * _dot_to(xn, pick)
+        dist = sq_norm + sq_norm.gather(1, pick.unsqueeze(1)) - 2.0 * dot(pick)
         return torch.minimum(st, dist.clamp(min=0.0))
 
     chosen = _greedy(prot.clone(), valid, counts, state, lambda st: st, seed, _update)
@@ -386,13 +411,14 @@ def mmr(tokens: Tensor, query: Tensor | None, budget: Budget | int | float | Ten
     x, valid, prot, counts, rel = _setup(tokens, budget, mask, protected, "mmr", _relevance)
     assert rel is not None
     xn = l2_normalize(x)
+    dot = _dot_fn(xn)
     b, n, _ = x.shape
     # state = max cosine to the chosen set (-inf while empty)
     state = _set_extreme(xn, prot, _cos_pair) if bool(prot.any()) else torch.full(
         (b, n), -math.inf, dtype=x.dtype, device=x.device)
     chosen = _greedy(prot.clone(), valid, counts, state,
                      lambda st: lam * rel - (1.0 - lam) * st, rel,
-                     lambda st, p: torch.maximum(st, _dot_to(xn, p)))
+                     lambda st, p: torch.maximum(st, dot(p)))
     return _indices(chosen, counts)
 
 
@@ -464,11 +490,12 @@ def greedy_saliency_diversity(tokens: Tensor, scores: Tensor,
                       torch.zeros_like(s))
     sal = sal.masked_fill(~valid, 0.0)
     xn = l2_normalize(x)
+    dot = _dot_fn(xn)
     b, n, _ = x.shape
     # state = min cosine distance to the chosen set, halved to [0, 1] (+inf while empty)
     state = (1.0 - _set_extreme(xn, prot, _cos_pair)) / 2.0 if bool(prot.any()) else (
         torch.full((b, n), math.inf, dtype=x.dtype, device=x.device))
     chosen = _greedy(prot.clone(), valid, counts, state,
                      lambda st: a * sal + (1.0 - a) * st, sal,
-                     lambda st, p: torch.minimum(st, (1.0 - _dot_to(xn, p)) / 2.0))
+                     lambda st, p: torch.minimum(st, (1.0 - dot(p)) / 2.0))
     return _indices(chosen, counts)
