@@ -145,3 +145,8 @@ def test_method_accepts_budget_forms() -> None:
     assert unipruner.method("dart", keep=128) == unipruner.method("dart", budget=Budget(keep=128))
     assert unipruner.method("dart", budget=0.25).budget == Budget(ratio=0.25)
     assert unipruner.method("dart").budget == Budget(ratio=0.5)
+
+
+def test_pooling_has_no_matching_round() -> None:
+    with pytest.raises(UniprunerError, match="no pairwise matching"):
+        unipruner.method("ward_pool", ratio=0.5).match(torch.randn(1, 8, 4), 2)

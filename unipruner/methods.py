@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -96,7 +97,7 @@ def _budget_default() -> Budget:
 
 
 @dataclass(frozen=True)
-class Method:
+class Method(ABC):
     """Base class of every registered method: a budget, protected leading tokens, a reduction."""
 
     name: ClassVar[str] = ""
@@ -126,9 +127,9 @@ class Method:
             )
         return value
 
+    @abstractmethod
     def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         """Sorted keep indices ``[B, K]`` (``-1``-padded in ragged batches)."""
-        raise NotImplementedError  # pragma: no cover - every concrete method overrides it
 
     def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
                **signals: Any) -> Reduced:
@@ -166,9 +167,9 @@ def _apply_reduction(reduction: str, tokens: Tensor, keep: Tensor, *, mask: Tens
 class ScoringMethod(Method):
     """A method that scores tokens and keeps the top ones (in original order)."""
 
+    @abstractmethod
     def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         """Scores ``[B, N]`` (higher = keep; masked positions are ``-inf``)."""
-        raise NotImplementedError  # pragma: no cover
 
     def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         tokens = check_tokens(tokens)
@@ -555,7 +556,9 @@ class MergingMethod(Method):
 
     def match(self, metric: Tensor, r: int, **signals: Any) -> tuple[MergeFn, UnmergeFn]:
         """One matching round that removes ``r`` tokens: ``(merge, unmerge)`` closures."""
-        raise NotImplementedError  # pragma: no cover
+        raise UniprunerError(
+            f"{self.name!r} has no pairwise matching round (it clusters whole sequences); use reduce()"
+        )
 
     def _rounds(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
                 ) -> tuple[MergePlan, Tensor]:
@@ -697,8 +700,9 @@ class _Pooling(MergingMethod):
         rep = torch.where(torch.isfinite(rep), rep, torch.full_like(rep, -1)).long()
         return plan, rep
 
+    @abstractmethod
     def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
+        """Cluster labels ``[B, N]`` (``-1`` outside ``mask``) with ``n_clusters`` per row."""
 
     def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         tokens = check_tokens(tokens)
