@@ -18,14 +18,9 @@ from .select import Budget, Schedule, topk
 
 __version__ = "0.1.0"
 
-# Domain adapters, imported lazily so the core stays torch + numpy only:
-# unipruner.vit, unipruner.kv, unipruner.rag, unipruner.colbert
-_ADAPTERS = {
-    "vit": "unipruner.adapters.vit",
-    "kv": "unipruner.adapters.kv_cache",
-    "rag": "unipruner.adapters.rag",
-    "colbert": "unipruner.adapters.colbert",
-}
+# Domain adapters are imported lazily so the core stays torch + numpy only. Each adapter adds
+# its entry here when it lands (e.g. "vit": "unipruner.adapters.vit").
+_ADAPTERS: dict[str, str] = {}
 
 
 def __getattr__(name: str) -> object:
