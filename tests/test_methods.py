@@ -150,3 +150,18 @@ def test_method_accepts_budget_forms() -> None:
 def test_pooling_has_no_matching_round() -> None:
     with pytest.raises(UniprunerError, match="no pairwise matching"):
         unipruner.method("ward_pool", ratio=0.5).match(torch.randn(1, 8, 4), 2)
+
+
+def test_evit_fuse_is_attention_weighted() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 10, 4, generator=g)
+    attn = torch.randn(2, 1, 10, 10, generator=g).softmax(-1)
+    m = build("evit", keep=4, reduction="fuse")
+    red = m.reduce(x, attn=attn)
+    keep = m.select(x, attn=attn)
+    w = attn[:, 0, 0, :]
+    for i in range(2):
+        pruned = [j for j in range(10) if j not in keep[i].tolist()]
+        want = (x[i, pruned] * w[i, pruned, None]).sum(0) / w[i, pruned].sum()
+        assert torch.allclose(red.tokens[i, -1], want, atol=1e-5)
+        assert red.sizes[i, -1, 0] == len(pruned)

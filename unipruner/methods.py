@@ -157,8 +157,13 @@ def _apply_reduction(reduction: str, tokens: Tensor, keep: Tensor, *, mask: Tens
     if reduction == "merge":
         merged, msizes, plan = _reduce.merge_pruned(tokens, keep, size=sizes, mask=mask)
         return Reduced(merged, plan.out_mask, keep, msizes, plan)
-    # fuse: EViT folds every inattentive token into one extra token, weighted by its score
-    out, omask, osizes = _reduce.recycle(tokens, keep, 1, scores=scores, size=sizes, mask=mask)
+    # fuse: EViT folds every inattentive token into one extra token, weighted by its score (its
+    # CLS attention); scores that are not non-negative weights (e.g. -||k||) give a plain mean
+    weights = None
+    if scores is not None:
+        w = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+        weights = w if bool((w >= 0).all()) else None
+    out, omask, osizes = _reduce.recycle(tokens, keep, 1, size=sizes, mask=mask, weights=weights)
     idx = torch.cat([keep, torch.full((b, 1), -1, dtype=keep.dtype, device=keep.device)], dim=1)
     return Reduced(out, omask, idx, osizes)
 
