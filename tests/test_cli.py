@@ -38,3 +38,10 @@ def test_demo_core_section_runs_on_real_minilm() -> None:
     for name in ("evit", "tome", "divprune", "zero_tprune", "random"):
         assert name in result.output
     assert "keeping 25%" in result.output
+
+
+def test_demo_kv_section_answers_from_half_the_cache() -> None:
+    result = runner.invoke(app, ["demo", "--section", "kv"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "snapkv 50%" in result.output and "1967" in result.output
+    assert re.search(r"snapkv 50%.*\b(49|50|51)%", result.output)

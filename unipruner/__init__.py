@@ -20,7 +20,9 @@ __version__ = "0.1.0"
 
 # Domain adapters are imported lazily so the core stays torch + numpy only. Each adapter adds
 # its entry here when it lands (e.g. "vit": "unipruner.adapters.vit").
-_ADAPTERS: dict[str, str] = {}
+_ADAPTERS: dict[str, str] = {
+    "kv": "unipruner.adapters.kv_cache",
+}
 
 
 def __getattr__(name: str) -> object:

@@ -153,8 +153,16 @@ def _core_section(console: Any, ratio: float) -> None:
         console.print(f"[bold]{name}[/] keeps: {_render_kept(tokens, r.kept_positions)}")
 
 
+def _kv_section(console: Any, ratio: float) -> None:
+    """The KV-cache section: SmolLM2 answers from its full cache and from 50% SnapKV (as issue #3 asks)."""
+    from .adapters.kv_cache import demo_section
+
+    demo_section(console, 0.5)
+
+
 SECTIONS: list[tuple[str, Callable[[Any, float], None]]] = [
     ("core", _core_section),
+    ("kv", _kv_section),
 ]
 
 

@@ -1,0 +1,235 @@
+"""A Hugging Face ``DynamicCache`` that knows its logical length differs from what it stores.
+
+A pruned KV cache holds fewer key/value slots than the number of tokens the model has seen.
+``transformers`` derives positions (``position_ids = arange + cache.get_seq_length()``), the
+restart point of ``generate()`` and the attention-mask geometry from the cache length, so a
+plain ``DynamicCache`` whose tensors were shortened silently puts new tokens at wrong positions.
+:class:`CompressedCache` keeps the two apart:
+
+* ``get_seq_length()`` is the **logical** length (tokens fed, padding included: the length of
+  the 2-D attention mask), so positions and ``generate()``'s slicing stay right;
+* each :class:`CompressedLayer` stores ``[B, H_kv, S, D]`` slots plus a validity mask
+  ``[B, H_kv, S]`` (rows and heads may keep different counts; ``None`` = all valid), and the
+  adapter's attention hook builds the attention mask from that layout;
+* sliding-window layers (Gemma 3, Mistral/Qwen2 with a window) stay Hugging Face's own
+  ``DynamicSlidingWindowLayer`` and are never compressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ...errors import UniprunerError
+
+__all__ = ["CompressedCache", "CompressedLayer", "Step"]
+
+
+@dataclass
+class Step:
+    """What the current forward feeds: set by the adapter's model hook, read by the layers.
+
+    Attributes
+    ----------
+    valid : Tensor ``[B, q]`` bool or None
+        Which of the ``q`` new tokens are real (None = all).
+    positions : Tensor ``[B, q]`` long
+        Their position ids.
+    """
+
+    valid: Tensor | None
+    positions: Tensor
+
+
+class CompressedLayer(DynamicLayer):
+    """One full-attention layer of a :class:`CompressedCache`.
+
+    Attributes
+    ----------
+    keys, values : Tensor ``[B, H, S, D]``
+        Stored slots (post-RoPE keys, as Hugging Face stores them).
+    valid : Tensor ``[B, H, S]`` bool or None
+        Which slots hold a real token (None = all).
+    seen : int
+        Logical length: tokens fed so far, padding included.
+    compressed : bool
+        Whether the adapter has compressed this layer (it compresses once, at prefill).
+    offset : Tensor ``[B]`` long or None
+        Re-rotated caches (StreamingLLM ``rerotate=True``): new tokens are placed at
+        ``position_id - offset`` so positions stay contiguous inside the cache.
+    scores : Tensor ``[B, H, S]`` or None
+        Eviction scores kept while decoding with a fixed budget (H2O's accumulated attention).
+    budget : Tensor ``[B, H]`` long or None
+        Fixed number of slots per row and head while decoding (evict-as-you-go), or None.
+    prefill_valid : Tensor ``[B]`` long or None
+        Real tokens per row when the layer was compressed (for :func:`stats`).
+    """
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+        self.valid: Tensor | None = None
+        self.compressed = False
+        self.offset: Tensor | None = None
+        self.scores: Tensor | None = None
+        self.budget: Tensor | None = None
+        self.recent: Tensor | None = None
+        self.prefill_valid: Tensor | None = None
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def stored(self) -> int:
+        """Number of stored slots ``S`` (padding slots included)."""
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return 0
+        return int(self.keys.shape[-2])
+
+    def get_seq_length(self) -> int:
+        """The logical length (tokens seen), not the number of stored slots."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Mask geometry for Hugging Face's mask builders: ``S + q`` keys ending at ``seen + q``.
+
+        The adapter replaces the mask of a compressed layer by one built from :attr:`valid`;
+        these sizes only keep the model-level mask well-formed.
+        """
+        return self.stored + query_length, self.seen - self.stored
+
+    @property
+    def k(self) -> Tensor:
+        """The stored keys (an error before the first update)."""
+        if self.keys is None:
+            raise UniprunerError("this cache layer holds nothing yet")
+        return self.keys
+
+    @property
+    def v(self) -> Tensor:
+        """The stored values (an error before the first update)."""
+        if self.values is None:
+            raise UniprunerError("this cache layer holds nothing yet")
+        return self.values
+
+    def slot_valid(self) -> Tensor:
+        """``[B, H, S]`` bool validity of every stored slot."""
+        if self.valid is not None:
+            return self.valid
+        b, h, s, _ = self.k.shape
+        return torch.ones(b, h, s, dtype=torch.bool, device=self.k.device)
+
+    # -- growth -----------------------------------------------------------------------------------
+    def append(self, key_states: Tensor, value_states: Tensor, step: Step | None) -> tuple[Tensor, Tensor]:
+        """Append ``q`` new slots and return all stored keys and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.compressed and step is None:
+            raise UniprunerError(
+                "this cache was compressed by unipruner.kv and can only be extended by a model patched with "
+                "unipruner.kv.patch / compress (its attention masks must follow the stored-slot layout)"
+            )
+        b, h, q, _ = key_states.shape
+        new_valid = None if step is None or step.valid is None else step.valid.to(key_states.device)
+        if self.valid is not None or new_valid is not None:
+            old = self.slot_valid() if self.stored else torch.zeros(b, h, 0, dtype=torch.bool,
+                                                                    device=key_states.device)
+            add = (torch.ones(b, h, q, dtype=torch.bool, device=key_states.device) if new_valid is None
+                   else new_valid[:, None, :].expand(b, h, q))
+            self.valid = torch.cat([old, add], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, q)], dim=-1)
+        self.keys = torch.cat([self.k, key_states], dim=-2)
+        self.values = torch.cat([self.v, value_states], dim=-2)
+        self.seen += q
+        return self.keys, self.values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
+        """Hugging Face's entry point; :class:`CompressedCache` calls :meth:`append` with the step."""
+        return self.append(key_states, value_states, None)
+
+    def replace(self, keys: Tensor, values: Tensor, valid: Tensor | None,
+                scores: Tensor | None = None) -> None:
+        """Swap in a reduced set of slots (the logical length does not change)."""
+        if valid is not None and bool(valid.all()):
+            valid = None
+        self.keys, self.values, self.valid, self.scores = keys, values, valid, scores
+
+    # -- Hugging Face cache API -------------------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.valid = self.offset = self.scores = self.budget = self.recent = self.prefill_valid = None
+        self.compressed = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise UniprunerError(
+                "a compressed KV cache cannot be cropped (its slots are no longer the last tokens); "
+                "assisted / speculative decoding is not supported with unipruner.kv"
+            )
+
+    def _batch_apply(self, fn: Callable[[Tensor], Tensor]) -> None:
+        f: Any = fn
+        for name in ("keys", "values", "valid", "offset", "scores", "budget", "recent", "prefill_valid"):
+            t = getattr(self, name)
+            if isinstance(t, Tensor) and t.numel() > 0:
+                setattr(self, name, f(t))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._batch_apply(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+class CompressedCache(DynamicCache):
+    """A ``DynamicCache`` whose full-attention layers may be compressed by :mod:`unipruner.kv`.
+
+    Built from the model config like ``DynamicCache(config=...)``; full-attention layers are
+    :class:`CompressedLayer`, sliding-window layers stay ``DynamicSlidingWindowLayer``. A model
+    patched with :func:`unipruner.kv.patch` creates one automatically (also inside
+    ``generate()``); pass one explicitly to keep a compressed context across calls.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model's config.
+
+    Examples
+    --------
+    >>> from transformers import LlamaConfig
+    >>> cache = CompressedCache(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+    ...                                     num_key_value_heads=1, intermediate_size=64, vocab_size=50))
+    >>> [type(layer).__name__ for layer in cache.layers], cache.get_seq_length()
+    (['CompressedLayer', 'CompressedLayer'], 0)
+    """
+
+    def __init__(self, config: object) -> None:
+        if config is None:
+            raise UniprunerError("CompressedCache needs the model config: CompressedCache(model.config)")
+        super().__init__(config=config)  # type: ignore[arg-type]
+        self.layers = [CompressedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        self.step: Step | None = None
+        self.plan: object | None = None  # the settings it was compressed with (set by the adapter)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedLayer):
+            return layer.append(key_states, value_states, self.step)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether any layer has been compressed."""
+        return any(isinstance(layer, CompressedLayer) and layer.compressed for layer in self.layers)
