@@ -7,6 +7,9 @@ Change log
 - v1: IndexInfo, Chunk, IndexFormat, ChunkWriter, IndexFormatError, FORMATS, register, detect_format,
   check_chunk (a helper formats may call to validate a chunk before writing), atomic_write_bytes / atomic_write_text
   helpers for single files inside the writer's directory.
+- v2 (00:45 UTC): optional, non-abstract ``IndexFormat.doc_ids() -> list[str] | None`` (document ids in index order
+  when the format stores them readably; default None = "same order as the collection"). ``dir_bytes(path)`` helper.
+  Nothing else changed; formats need not override it.
 
 A format decodes an index on disk into :class:`Chunk` objects (float32 vectors of contiguous documents) and writes
 reduced chunks back in the same format and codec. The compress pipeline (``_compress.py``) opens the source with
@@ -183,6 +186,11 @@ class IndexFormat(ABC):
     @abstractmethod
     def writer(self, dst: Path) -> ChunkWriter:
         """Return a writer into the empty directory ``dst`` producing this format with this index's codec."""
+
+    def doc_ids(self) -> list[str] | None:
+        """Document ids in index order, or None when the format does not store them readably (then evaluation
+        assumes the index holds the collection's documents in corpus order)."""
+        return None
 
 
 FORMATS: dict[str, type[IndexFormat]] = {}
