@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .adapters.colbert.cli import colbert_app
 from .errors import MissingDependencyError, UniprunerError
 from .methods import DOMAINS, FAMILIES, methods
 
@@ -19,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(colbert_app, name="colbert")
 
 
 def _version(value: bool) -> None:

@@ -159,9 +159,14 @@ class RawIndex(IndexFormat):
                                                        ("vectors.npy", "vectors.safetensors"))
 
     @classmethod
-    def open(cls, path: Path, chunk_vectors: int = CHUNK_VECTORS) -> RawIndex:
-        """Open and validate a raw index (manifest, dtypes, shapes, doclens vs vectors, ids)."""
+    def open(cls, path: Path, chunk_vectors: int | None = None) -> RawIndex:
+        """Open and validate a raw index (manifest, dtypes, shapes, doclens vs vectors, ids).
+
+        ``chunk_vectors`` bounds the vectors per chunk (default: the module's ``CHUNK_VECTORS``, 2^20).
+        """
         path = Path(path)
+        if chunk_vectors is None:
+            chunk_vectors = CHUNK_VECTORS
         if not path.is_dir():
             raise IndexFormatError(f"{path} is not a directory")
         man = _read_json(path / "manifest.json", "manifest")

@@ -1,0 +1,257 @@
+"""Compress an existing multi-vector index: open, validate, reduce chunk by chunk, write atomically.
+
+The pipeline behind ``unipruner colbert compress`` (token pooling of Clavié et al. 2024 / ColBERT pruning of Lassance
+et al. 2021 applied to an index that already exists, instead of re-encoding the collection):
+
+1. detect the source format and open it (full validation, nothing written yet); tokenise the collection for
+   ``idf`` / ``stopwords`` and check it lines up with the index;
+2. ``scope="global"``: a first pass scores every vector (:func:`~._methods.chunk_scores`) and turns one budget for the
+   whole index into per-document counts (:func:`~._methods.global_counts`);
+3. create ``DST.tmp-XXXX`` next to DST, open the format's writer on it, reduce the chunks (in ``workers`` processes,
+   results written in chunk order) and close the writer;
+4. rename the temporary directory to DST (an existing DST is replaced only with ``force=True``); on any error the
+   temporary directory is removed and DST is left as it was. SRC is only read.
+
+The per-chunk task is :func:`~._methods.reduce_chunk` ``(chunk, spec, counts=..., tokens=...)``: a pure function of
+picklable inputs, so a distributed engine can map it over the chunks and feed the results, in order, to
+``fmt.writer(tmp).write``.
+
+Memory bound: the source format's chunk (raw: <= 2^20 vectors, float32) times ``2 * workers + 1`` chunks in flight
+(decoded input + reduced output), plus per-batch workspace (one ``[B, N, N]`` float32 matrix <= 64 MiB per process)
+and, for a global budget, 8 bytes per vector of the whole index for the scores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import UniprunerError
+from ._methods import ReduceSpec, TokenTable, chunk_scores, global_counts, global_total, reduce_chunk
+from .formats import Chunk, IndexFormat, IndexInfo, detect_format
+
+__all__ = ["CompressResult", "compress", "open_index"]
+
+Progress = Callable[[int, int, int], None]
+"""Called after every written chunk with (documents done, vectors read, vectors written) so far."""
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """What :func:`compress` did.
+
+    Attributes
+    ----------
+    src, dst : IndexInfo
+        The source index and the written one (re-opened and validated).
+    spec : ReduceSpec
+    seconds : float
+        Wall time of the whole run.
+    """
+
+    src: IndexInfo
+    dst: IndexInfo
+    spec: ReduceSpec
+    seconds: float
+
+    @property
+    def docs_per_s(self) -> float:
+        """Documents processed per second."""
+        return self.src.n_docs / max(self.seconds, 1e-9)
+
+
+def open_index(path: Path | str) -> IndexFormat:
+    """Detect the format of ``path`` and open it (full validation; ColBERT / PLAID / PyLate / raw indexes).
+
+    Raises
+    ------
+    IndexFormatError
+        If ``path`` is not an index of a known format, or is truncated or inconsistent.
+    """
+    return detect_format(Path(path)).open(Path(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# worker side (module-level functions: picklable for process pools)
+# ----------------------------------------------------------------------------------------------
+
+_TOKENS: TokenTable | None = None
+
+
+def _init_worker(tokens: TokenTable | None) -> None:
+    global _TOKENS
+    torch.set_num_threads(1)
+    _TOKENS = tokens
+
+
+def _pack(chunk: Chunk) -> tuple[int, int, np.ndarray, np.ndarray]:
+    return chunk.index, chunk.doc_offset, np.asarray(chunk.doclens, dtype=np.int64), chunk.vectors.float().numpy()
+
+
+def _unpack(p: tuple[int, int, np.ndarray, np.ndarray]) -> Chunk:
+    return Chunk(p[0], p[1], p[2], torch.from_numpy(p[3]))
+
+
+def _reduce_task(packed: tuple[int, int, np.ndarray, np.ndarray], spec: ReduceSpec,
+                 counts: np.ndarray | None) -> tuple[int, int, np.ndarray, np.ndarray]:
+    return _pack(reduce_chunk(_unpack(packed), spec, counts=counts, tokens=_TOKENS))
+
+
+def _score_task(packed: tuple[int, int, np.ndarray, np.ndarray], spec: ReduceSpec) -> np.ndarray:
+    return chunk_scores(_unpack(packed), spec, _TOKENS)
+
+
+def _ordered_map(fn: Callable[..., Any], items: Iterator[tuple[Any, ...]], pool: ProcessPoolExecutor | None,
+                 max_in_flight: int) -> Iterator[Any]:
+    """``fn(*item)`` for every item, results in order; at most ``max_in_flight`` items submitted at once."""
+    if pool is None:
+        for item in items:
+            yield fn(*item)
+        return
+    pending: deque[Future[Any]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise UniprunerError(f"DST {dst} must not be SRC, inside SRC or contain SRC: SRC is never modified")
+    if dst.exists() and not force:
+        raise UniprunerError(f"DST {dst} already exists; choose another path or pass --force (force=True) to "
+                             "replace it")
+    if dst.exists() and not dst.is_dir():
+        raise UniprunerError(f"DST {dst} exists and is not a directory; remove it first")
+    if not dst.parent.is_dir():
+        raise UniprunerError(f"the parent directory of DST ({dst.parent}) does not exist; create it first")
+
+
+def compress(src: Path | str, dst: Path | str, spec: ReduceSpec, *, workers: int = 1, force: bool = False,
+             texts: Sequence[str] | None = None, tokenizer: Any = None, max_length: int | None = None,
+             progress: Progress | None = None) -> CompressResult:
+    """Write a reduced copy of the index ``src`` to ``dst`` in the same format and codec.
+
+    Token pooling (Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector Retrieval with Minimal
+    Performance Impact via Token Pooling", 2024) or pruning (Lassance et al., "A Study on Token Pruning for ColBERT",
+    2021) of every document of an existing index; see the module docstring for the steps and the memory bound.
+
+    Parameters
+    ----------
+    src : Path or str
+        An index directory of a registered format; only read.
+    dst : Path or str
+        The directory to create; its parent must exist.
+    spec : ReduceSpec
+        Method, budget, protected vectors, scope.
+    workers : int
+        Processes reducing chunks in parallel (1: in this process).
+    force : bool
+        Replace an existing ``dst``.
+    texts, tokenizer, max_length :
+        Collection text in index order and the encoder's tokenizer, for ``idf`` / ``stopwords``.
+    progress : callable, optional
+        ``progress(docs_done, vectors_in, vectors_out)`` after each chunk.
+
+    Returns
+    -------
+    CompressResult
+
+    Raises
+    ------
+    UniprunerError
+        Bad paths, arguments or index (:class:`~.formats.IndexFormatError`); ``dst`` is then not created.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if not isinstance(spec, ReduceSpec):
+        raise UniprunerError(f"spec must be a ReduceSpec, got {type(spec).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UniprunerError(f"workers must be an int >= 1, got {workers!r}")
+    index = open_index(src)  # full validation before anything is written
+    _check_paths(src, dst, force)
+    info = index.info()
+    tokens: TokenTable | None = None
+    if spec.needs_tokens:
+        if texts is None or tokenizer is None:
+            raise UniprunerError(f"method {spec.method!r} needs the collection text and the encoder's tokenizer "
+                                 "(--corpus and --model in the CLI)")
+        tokens = TokenTable.from_texts(texts, tokenizer, info.doclens, max_length=max_length)
+
+    pool: ProcessPoolExecutor | None = None
+    if workers > 1 and info.n_chunks > 1:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(tokens,))
+    in_flight = 2 * workers
+    tmp: Path | None = None
+    try:
+        counts_all: np.ndarray | None = None
+        if spec.scope == "global":
+            if pool is None:
+                scores = [chunk_scores(c, spec, tokens) for c in index.chunks()]
+            else:
+                scores = list(_ordered_map(_score_task, ((_pack(c), spec) for c in index.chunks()), pool, in_flight))
+            total = global_total(info.n_vectors, info.n_docs, spec)
+            counts_all = global_counts(np.concatenate(scores) if scores else np.zeros(0), info.doclens, total)
+            del scores
+
+        def counts_of(c: Chunk) -> np.ndarray | None:
+            if counts_all is None:
+                return None
+            return counts_all[c.doc_offset:c.doc_offset + len(c.doclens)]
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        writer = index.writer(tmp)
+        docs = n_in = n_out = 0
+        if pool is None:
+            results: Iterator[Chunk] = (reduce_chunk(c, spec, counts=counts_of(c), tokens=tokens)
+                                        for c in index.chunks())
+        else:
+            packed = _ordered_map(_reduce_task, ((_pack(c), spec, counts_of(c)) for c in index.chunks()), pool,
+                                  in_flight)
+            results = (_unpack(p) for p in packed)
+        for out in results:
+            writer.write(out)
+            docs += len(out.doclens)
+            n_in = int(info.doclens[:docs].sum())
+            n_out += int(out.vectors.shape[0])
+            if progress is not None:
+                progress(docs, n_in, n_out)
+        writer.close()
+        if docs != info.n_docs:
+            raise UniprunerError(f"the source yielded {docs} documents but reports {info.n_docs}")
+        if dst.exists():  # force=True: move the old DST aside, put the new one in place, then delete the old
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / "index")
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+        tmp = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    out_info = open_index(dst).info()
+    return CompressResult(info, out_info, spec, time.perf_counter() - t0)
