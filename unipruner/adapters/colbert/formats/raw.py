@@ -152,9 +152,10 @@ class RawIndex(IndexFormat):
         man = path / "manifest.json"
         if man.is_file():
             try:
-                return bool(json.loads(man.read_text(encoding="utf-8")).get("format") == FORMAT_NAME)
+                if json.loads(man.read_text(encoding="utf-8")).get("format") == FORMAT_NAME:
+                    return True
             except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                return False
+                pass  # a broken manifest next to our arrays is still ours: open() says what is wrong
         return (path / "doclens.npy").is_file() and any((path / f).is_file() for f in
                                                        ("vectors.npy", "vectors.safetensors"))
 
