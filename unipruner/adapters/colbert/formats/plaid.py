@@ -1,0 +1,571 @@
+"""colbert-ai PLAID index directories (as written by colbert-ai and by PyLate's ``indexes.PLAID(use_fast=False)``).
+
+Layout (Santhanam et al., "PLAID: An Efficient Engine for Late Interaction Retrieval", CIKM 2022; the residual
+compression of Santhanam et al., "ColBERTv2", NAACL 2022)::
+
+    metadata.json        {config: {dim, nbits, ...}, num_chunks, num_partitions, num_embeddings, avg_doclen}
+    plan.json            the indexing plan (copied unchanged)
+    centroids.pt         fp16 [P, dim]
+    buckets.pt           (bucket_cutoffs [2^nbits - 1], bucket_weights [2^nbits])
+    avg_residual.pt      scalar tensor
+    {i}.codes.pt         int32 [n_i]               nearest centroid of every vector of chunk i
+    {i}.residuals.pt     uint8 [n_i, dim*nbits/8]  packed residual bucket indices
+    doclens.{i}.json     vectors per document of chunk i
+    {i}.metadata.json    {passage_offset, num_passages, num_embeddings, embedding_offset}
+    ivf.pid.pt           (document ids per centroid, concatenated (int32), lengths [P])
+    documents_ids_to_plaid_ids.pkl, plaid_ids_to_documents_ids.pkl    PyLate's id maps (optional)
+
+Reading decodes every vector with the index's own codec, ``normalize(centroid[code] + bucket_weights[bucket])``;
+writing re-encodes the reduced vectors with the *same* centroids and buckets (nearest centroid by dot product,
+residual bucketised against the cutoffs, bits packed), rebuilds the IVF (unique document ids per centroid, only
+documents the source IVF still lists: documents removed with colbert-ai's ``IndexUpdater`` stay removed) and the
+metadata. Documents stay in place, so PyLate's pickled id maps are copied byte for byte and never unpickled.
+Tensors are loaded with ``torch.load(weights_only=True)`` only.
+
+Memory: reading holds one chunk's codes, residuals and decoded float32 vectors (colbert-ai chunks hold at most
+25k documents), plus ``int64`` doclens and a boolean per document; the writer additionally keeps the unique
+(centroid, document) pairs of the IVF it is building, which is the size of ``ivf.pid.pt`` itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .base import (
+    Chunk,
+    ChunkWriter,
+    IndexFormat,
+    IndexFormatError,
+    IndexInfo,
+    atomic_write_text,
+    check_chunk,
+    dir_bytes,
+    register,
+)
+
+__all__ = ["PlaidFormat", "PlaidWriter", "ResidualCodec", "restricted_pickle_load"]
+
+PYLATE_ID_MAPS = ("documents_ids_to_plaid_ids.pkl", "plaid_ids_to_documents_ids.pkl")
+_CHUNK_FILE = re.compile(r"^(?:doclens\.(\d+)\.json|(\d+)\.(?:codes|residuals)\.pt|(\d+)\.metadata\.json)$")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Residual codec shared by colbert-ai PLAID and fast-plaid
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResidualCodec:
+    """The ColBERTv2 / PLAID residual codec: a centroid id per vector plus ``nbits`` per dimension.
+
+    Santhanam et al., "ColBERTv2: Effective and Efficient Retrieval via Lightweight Late Interaction" (NAACL 2022):
+    a vector is stored as its nearest centroid (by dot product) and, per dimension, the bucket of its residual
+    ``x - centroid`` among ``2^nbits`` buckets (``bucket_cutoffs``); it is reconstructed as
+    ``normalize(centroid + bucket_weights[bucket])``. Bits of each dimension's bucket index are stored least
+    significant first and packed eight to a byte, most significant bit first (``numpy.packbits``).
+
+    Attributes
+    ----------
+    centroids : torch.Tensor
+        float32 ``[P, dim]``.
+    bucket_cutoffs : torch.Tensor
+        float32 ``[2^nbits - 1]``, ascending.
+    bucket_weights : torch.Tensor
+        float32 ``[2^nbits]``.
+    nbits : int
+        Bits per dimension (``8 % nbits == 0`` and ``dim % (8 * nbits) == 0``).
+    """
+
+    centroids: torch.Tensor
+    bucket_cutoffs: torch.Tensor
+    bucket_weights: torch.Tensor
+    nbits: int
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return int(self.centroids.shape[1])
+
+    @property
+    def packed_dim(self) -> int:
+        """Bytes per vector in the packed residuals, ``dim * nbits / 8``."""
+        return self.dim * self.nbits // 8
+
+    def decode(self, codes: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        """Reconstruct float32 unit vectors from centroid ids and packed residuals (ColBERTv2 decompression).
+
+        Parameters
+        ----------
+        codes : torch.Tensor
+            Integer ``[n]`` centroid ids.
+        residuals : torch.Tensor
+            uint8 ``[n, dim * nbits / 8]``.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``[n, dim]``, L2-normalised.
+        """
+        n = int(codes.shape[0])
+        shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+        bits = (residuals.unsqueeze(-1) >> shifts) & 1  # [n, packed_dim, 8], most significant bit first
+        bits = bits.reshape(n, self.dim, self.nbits).to(torch.int64)
+        weights = torch.pow(2, torch.arange(self.nbits, dtype=torch.int64))  # least significant bit first
+        buckets = (bits * weights).sum(-1)  # [n, dim]
+        x = self.centroids[codes.long()] + self.bucket_weights[buckets]
+        return torch.nn.functional.normalize(x, p=2.0, dim=-1)
+
+    def encode(self, vectors: torch.Tensor, batch: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress vectors: nearest centroid by dot product, bucketised and bit-packed residuals (ColBERTv2).
+
+        Parameters
+        ----------
+        vectors : torch.Tensor
+            float ``[n, dim]``; they are L2-normalised first (the codec stores directions; decoding normalises).
+        batch : int
+            Vectors per centroid-scoring batch (bounds the ``[batch, P]`` score matrix).
+
+        Returns
+        -------
+        codes : torch.Tensor
+            int64 ``[n]``.
+        residuals : torch.Tensor
+            uint8 ``[n, dim * nbits / 8]``.
+        """
+        x = torch.nn.functional.normalize(vectors.to(torch.float32), p=2.0, dim=-1)
+        n = int(x.shape[0])
+        step = max(1, min(batch, (1 << 24) // max(1, int(self.centroids.shape[0]))))
+        codes = torch.cat([(xb @ self.centroids.T).argmax(dim=1) for xb in x.split(step)]) if n else \
+            torch.zeros(0, dtype=torch.int64)
+        buckets = torch.bucketize(x - self.centroids[codes], self.bucket_cutoffs).to(torch.uint8)  # [n, dim]
+        bits = (buckets.unsqueeze(-1) >> torch.arange(self.nbits, dtype=torch.uint8)) & 1  # [n, dim, nbits]
+        bits = bits.reshape(n, self.packed_dim, 8)
+        place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+        packed = (bits.to(torch.int32) * place).sum(-1).to(torch.uint8)
+        return codes, packed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Safe loading helpers
+# --------------------------------------------------------------------------------------------------------------
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler admitting plain Python containers/scalars and numpy arrays, nothing else."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.dtypes", "Int64DType"), ("numpy.dtypes", "Int32DType"), ("numpy.dtypes", "Float32DType"),
+        ("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only plain types and numpy arrays are "
+                                     "allowed in an index's pickled maps")
+
+
+def restricted_pickle_load(path: Path, what: str) -> Any:
+    """Unpickle ``path`` admitting only plain types (dict, list, str, int, ...) and numpy arrays.
+
+    PyLate stores its id maps as pickles (Chaffin & Sourty, "PyLate", 2025); a pickle can run arbitrary code, so
+    anything beyond plain data is refused instead of being imported.
+
+    Parameters
+    ----------
+    path : Path
+        The pickle file.
+    what : str
+        What the file should hold, for the error message.
+
+    Raises
+    ------
+    IndexFormatError
+        If the file is missing, truncated, or references any other class or function.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return _RestrictedUnpickler(io.BytesIO(fh.read())).load()
+    except FileNotFoundError as err:
+        raise IndexFormatError(f"{path}: missing ({what})") from err
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as err:
+        raise IndexFormatError(f"{path}: not a plain-data pickle ({what}): {err}. Only dicts/lists of ids and "
+                               "numpy arrays are read; rebuild the index if it holds anything else") from err
+
+
+def load_tensor_file(path: Path, what: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with a clear :class:`IndexFormatError` for any failure."""
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise IndexFormatError(f"{path}: cannot be read as a tensor file ({what}): {type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}. Expected a plain torch.save'd "
+                               "tensor; a pickle of other objects is refused (weights_only loading)") from err
+
+
+def load_json_file(path: Path, what: str) -> Any:
+    """Read a JSON file, raising :class:`IndexFormatError` when it is missing or malformed."""
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexFormatError(f"{path}: not valid JSON ({what}): {err}") from err
+
+
+def check_doclens(value: Any, path: Path) -> np.ndarray:
+    """Validate a ``doclens.{i}.json`` list: non-negative integers; return int64 array."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise IndexFormatError(f"{path}: expected a JSON list of integers (vectors per document)")
+    arr = np.asarray(value, dtype=np.int64)
+    if arr.size and int(arr.min()) < 1:
+        j = int(np.argmin(arr))
+        raise IndexFormatError(f"{path}: document {j} of this chunk has {int(arr[j])} vectors; every document "
+                               "needs at least one")
+    return arr
+
+
+def require_int(d: Any, key: str, path: Path, minimum: int = 0) -> int:
+    """``d[key]`` as an int >= ``minimum`` or a clear :class:`IndexFormatError`."""
+    if not isinstance(d, dict) or key not in d:
+        raise IndexFormatError(f"{path}: missing key {key!r}")
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise IndexFormatError(f"{path}: {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def check_codec(centroids: Any, cutoffs: Any, weights: Any, nbits: int, dim: int, partitions: int,
+                where: Path) -> ResidualCodec:
+    """Validate codec tensors (shapes, dtypes, nbits/dim compatibility) and build a :class:`ResidualCodec`."""
+    if nbits not in (1, 2, 4, 8):
+        raise IndexFormatError(f"{where}: nbits must be 1, 2, 4 or 8, got {nbits}")
+    if dim % (8 * nbits) != 0:
+        raise IndexFormatError(f"{where}: dim {dim} is not a multiple of 8 * nbits = {8 * nbits}")
+    for name, t in (("centroids", centroids), ("bucket_cutoffs", cutoffs), ("bucket_weights", weights)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise IndexFormatError(f"{where}: {name} must be a floating tensor, got {type(t).__name__}")
+    if centroids.dim() != 2 or centroids.shape[1] != dim:
+        raise IndexFormatError(f"{where}: centroids have shape {tuple(centroids.shape)}, expected [P, {dim}] "
+                               f"(dim {dim} from the metadata)")
+    if centroids.shape[0] != partitions:
+        raise IndexFormatError(f"{where}: {centroids.shape[0]} centroids but the metadata says "
+                               f"num_partitions = {partitions}")
+    if tuple(cutoffs.shape) != (2**nbits - 1,) or tuple(weights.shape) != (2**nbits,):
+        raise IndexFormatError(f"{where}: buckets have shapes {tuple(cutoffs.shape)} / {tuple(weights.shape)}, "
+                               f"expected ({2**nbits - 1},) / ({2**nbits},) for nbits = {nbits}")
+    return ResidualCodec(centroids.to(torch.float32).contiguous(), cutoffs.to(torch.float32).contiguous(),
+                         weights.to(torch.float32).contiguous(), nbits)
+
+
+def check_codes_residuals(codes: Any, residuals: Any, n: int, codec: ResidualCodec, chunk: int,
+                          where: Path) -> None:
+    """Validate one chunk's codes and residuals against its doclens total ``n`` and the codec."""
+    int_dtypes = (torch.int32, torch.int64, np.dtype(np.int32), np.dtype(np.int64))
+    if not isinstance(codes, (torch.Tensor, np.ndarray)) or codes.ndim != 1 or codes.dtype not in int_dtypes:
+        raise IndexFormatError(f"{where}: chunk {chunk} codes must be a 1-D integer array")
+    if not isinstance(residuals, (torch.Tensor, np.ndarray)) or residuals.ndim != 2:
+        raise IndexFormatError(f"{where}: chunk {chunk} residuals must be a 2-D uint8 array")
+    if str(residuals.dtype) not in ("torch.uint8", "uint8"):
+        raise IndexFormatError(f"{where}: chunk {chunk} residuals have dtype {residuals.dtype}, expected uint8")
+    if int(codes.shape[0]) != n:
+        raise IndexFormatError(f"{where}: chunk {chunk} has {int(codes.shape[0])} codes but its doclens sum to {n} "
+                               "(doclens do not match the codes)")
+    if int(residuals.shape[0]) != n or int(residuals.shape[1]) != codec.packed_dim:
+        raise IndexFormatError(f"{where}: chunk {chunk} residuals have shape {tuple(residuals.shape)}, expected "
+                               f"({n}, {codec.packed_dim}) = (vectors, dim * nbits / 8)")
+    if n:
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= codec.centroids.shape[0]:
+            raise IndexFormatError(f"{where}: chunk {chunk} codes range over [{lo}, {hi}] but there are "
+                                   f"{codec.centroids.shape[0]} centroids")
+
+
+def build_ivf_pairs(codes: torch.Tensor, doclens: np.ndarray, doc_offset: int, live: np.ndarray | None) -> torch.Tensor:
+    """Unique ``code << 32 | document`` keys of one chunk (documents absent from ``live`` left out), sorted."""
+    pids = torch.repeat_interleave(torch.arange(doc_offset, doc_offset + len(doclens), dtype=torch.int64),
+                                   torch.from_numpy(np.ascontiguousarray(doclens, dtype=np.int64)))
+    keys = (codes.to(torch.int64) << 32) | pids
+    if live is not None:
+        keys = keys[torch.from_numpy(live[doc_offset:doc_offset + len(doclens)])[pids - doc_offset]]
+    return torch.unique(keys)
+
+
+def ivf_from_pairs(keys: list[torch.Tensor], partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global IVF from per-chunk pair keys: (document ids sorted per centroid, lengths ``[partitions]``)."""
+    allk = torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+    centroid = allk >> 32
+    pids = allk & 0xFFFFFFFF
+    lengths = torch.bincount(centroid, minlength=partitions)
+    return pids, lengths
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` byte for byte through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_pylate_doc_ids(path: Path, n_docs: int) -> list[str] | None:
+    """Document ids in index order from PyLate's ``plaid_ids_to_documents_ids.pkl`` (restricted unpickling).
+
+    Returns None when the map is absent or does not cover ``0 .. n_docs - 1``.
+    """
+    if not path.is_file():
+        return None
+    m = restricted_pickle_load(path, "PyLate's map from PLAID ids to document ids")
+    if not isinstance(m, dict):
+        raise IndexFormatError(f"{path}: expected a dict of PLAID id -> document id, got {type(m).__name__}")
+    try:
+        return [str(m[i]) for i in range(n_docs)]
+    except KeyError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The format
+# --------------------------------------------------------------------------------------------------------------
+@register
+class PlaidFormat(IndexFormat):
+    """A colbert-ai PLAID index directory (colbert-ai, PyLate ``indexes.PLAID(use_fast=False)``).
+
+    Santhanam et al., "PLAID: An Efficient Engine for Late Interaction Retrieval" (CIKM 2022). Open it with
+    :meth:`open` (full validation), read decoded chunks with :meth:`chunks`, write a reduced copy with
+    :meth:`writer`.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> PlaidFormat.detect(Path("tests/fixtures/colbert/plaid/cranfield"))
+    True
+    >>> PlaidFormat.open(Path("tests/fixtures/colbert/plaid/cranfield")).info().n_docs
+    300
+    """
+
+    name: ClassVar[str] = "plaid"
+
+    def __init__(self, path: Path, meta: dict[str, Any], codec: ResidualCodec, doclens: list[np.ndarray],
+                 chunk_meta: list[dict[str, Any]], live: np.ndarray) -> None:
+        self.path = path
+        self.meta = meta
+        self.codec = codec
+        self.chunk_doclens = doclens
+        self.chunk_meta = chunk_meta
+        self.live = live
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """True for a directory with ``metadata.json``, ``centroids.pt`` and ``0.codes.pt`` (no read)."""
+        p = Path(path)
+        return (p / "metadata.json").is_file() and (p / "centroids.pt").is_file() and (p / "0.codes.pt").is_file()
+
+    @classmethod
+    def open(cls, path: Path) -> PlaidFormat:
+        """Open and fully validate a colbert-ai PLAID index (Santhanam et al., CIKM 2022).
+
+        Checks the metadata, the codec (centroids, buckets), every chunk's doclens against its codes and residuals
+        (count, dtype, packed width, centroid range), the chunk offsets, the IVF, and that no chunk is missing.
+
+        Raises
+        ------
+        IndexFormatError
+            On any missing, truncated, inconsistent or non-tensor file.
+        """
+        p = Path(path)
+        if not p.is_dir():
+            raise IndexFormatError(f"{p} is not a directory: a PLAID index is a directory")
+        meta = load_json_file(p / "metadata.json", "index metadata")
+        config = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(config, dict):
+            raise IndexFormatError(f"{p / 'metadata.json'}: no 'config' object: not a colbert-ai PLAID index")
+        dim = require_int(config, "dim", p / "metadata.json", 1)
+        nbits = require_int(config, "nbits", p / "metadata.json", 1)
+        n_chunks = require_int(meta, "num_chunks", p / "metadata.json", 1)
+        partitions = require_int(meta, "num_partitions", p / "metadata.json", 1)
+        n_emb = require_int(meta, "num_embeddings", p / "metadata.json", 0)
+
+        centroids = load_tensor_file(p / "centroids.pt", "centroids")
+        buckets = load_tensor_file(p / "buckets.pt", "bucket cutoffs and weights")
+        if not isinstance(buckets, (tuple, list)) or len(buckets) != 2:
+            raise IndexFormatError(f"{p / 'buckets.pt'}: expected a pair (bucket_cutoffs, bucket_weights)")
+        avg = load_tensor_file(p / "avg_residual.pt", "average residual")
+        if not isinstance(avg, torch.Tensor):
+            raise IndexFormatError(f"{p / 'avg_residual.pt'}: expected a tensor, got {type(avg).__name__}")
+        codec = check_codec(centroids, buckets[0], buckets[1], nbits, dim, partitions, p)
+
+        extra = sorted({int(next(g for g in m.groups() if g is not None)) for f in os.listdir(p)
+                        if (m := _CHUNK_FILE.match(f))} - set(range(n_chunks)))
+        if extra:
+            raise IndexFormatError(f"{p}: files of chunk(s) {extra} exist but metadata.json says num_chunks = "
+                                   f"{n_chunks}: the index is inconsistent")
+        all_doclens: list[np.ndarray] = []
+        chunk_meta: list[dict[str, Any]] = []
+        doc_off = emb_off = 0
+        for i in range(n_chunks):
+            dl = check_doclens(load_json_file(p / f"doclens.{i}.json", f"doclens of chunk {i}"),
+                               p / f"doclens.{i}.json")
+            cm = load_json_file(p / f"{i}.metadata.json", f"metadata of chunk {i}")
+            n_pass = require_int(cm, "num_passages", p / f"{i}.metadata.json")
+            n_i = require_int(cm, "num_embeddings", p / f"{i}.metadata.json")
+            if require_int(cm, "passage_offset", p / f"{i}.metadata.json") != doc_off:
+                raise IndexFormatError(f"{p / f'{i}.metadata.json'}: passage_offset {cm['passage_offset']} but the "
+                                       f"previous chunks hold {doc_off} documents")
+            if n_pass != len(dl) or n_i != int(dl.sum()):
+                raise IndexFormatError(f"{p / f'{i}.metadata.json'}: says {n_pass} documents / {n_i} vectors but "
+                                       f"doclens.{i}.json lists {len(dl)} documents / {int(dl.sum())} vectors")
+            codes = load_tensor_file(p / f"{i}.codes.pt", f"centroid codes of chunk {i}")
+            residuals = load_tensor_file(p / f"{i}.residuals.pt", f"residuals of chunk {i}", mmap=True)
+            check_codes_residuals(codes, residuals, n_i, codec, i, p)
+            del codes, residuals
+            all_doclens.append(dl)
+            chunk_meta.append({"passage_offset": doc_off, "num_passages": n_pass, "num_embeddings": n_i,
+                               "embedding_offset": emb_off})
+            doc_off += n_pass
+            emb_off += n_i
+        if emb_off != n_emb:
+            raise IndexFormatError(f"{p / 'metadata.json'}: num_embeddings = {n_emb} but the chunks hold {emb_off}")
+
+        ivf_obj = load_tensor_file(p / "ivf.pid.pt", "inverted file (document ids per centroid)")
+        if not isinstance(ivf_obj, (tuple, list)) or len(ivf_obj) != 2 or \
+                not all(isinstance(t, torch.Tensor) for t in ivf_obj):
+            raise IndexFormatError(f"{p / 'ivf.pid.pt'}: expected a pair of tensors (ivf, ivf_lengths)")
+        ivf, lengths = ivf_obj
+        if lengths.numel() != partitions or int(lengths.sum()) > ivf.numel() or (lengths.numel() and
+                                                                                 int(lengths.min()) < 0):
+            raise IndexFormatError(f"{p / 'ivf.pid.pt'}: {lengths.numel()} list lengths summing to "
+                                   f"{int(lengths.sum())} for {ivf.numel()} entries and {partitions} centroids")
+        listed = ivf[: int(lengths.sum())].to(torch.int64)
+        if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= doc_off):
+            raise IndexFormatError(f"{p / 'ivf.pid.pt'}: document ids outside [0, {doc_off})")
+        live = np.zeros(doc_off, dtype=bool)
+        live[listed.numpy()] = True
+        return cls(p, meta, codec, all_doclens, chunk_meta, live)
+
+    def info(self) -> IndexInfo:
+        """Summary: documents, vectors, dim, bytes on disk, doclens, chunks, and codec details."""
+        doclens = np.concatenate(self.chunk_doclens) if self.chunk_doclens else np.zeros(0, np.int64)
+        return IndexInfo(
+            format=self.name, path=self.path, n_docs=int(doclens.size), n_vectors=int(doclens.sum()),
+            dim=self.codec.dim, n_bytes=dir_bytes(self.path), doclens=doclens, n_chunks=len(self.chunk_doclens),
+            details={"nbits": self.codec.nbits, "num_partitions": int(self.codec.centroids.shape[0]),
+                     "codec": "colbert-ai residual", "removed_docs": int((~self.live).sum()),
+                     "pylate_id_maps": all((self.path / f).is_file() for f in PYLATE_ID_MAPS)})
+
+    def doc_ids(self) -> list[str] | None:
+        """Document ids in index order from PyLate's id map (restricted unpickling), or None without one."""
+        return read_pylate_doc_ids(self.path / "plaid_ids_to_documents_ids.pkl", int(self.live.size))
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Yield each colbert-ai chunk decoded with the index's codec (memory: one chunk)."""
+        for i, (dl, cm) in enumerate(zip(self.chunk_doclens, self.chunk_meta, strict=True)):
+            codes = load_tensor_file(self.path / f"{i}.codes.pt", f"centroid codes of chunk {i}")
+            residuals = load_tensor_file(self.path / f"{i}.residuals.pt", f"residuals of chunk {i}")
+            check_codes_residuals(codes, residuals, int(dl.sum()), self.codec, i, self.path)
+            yield Chunk(index=i, doc_offset=cm["passage_offset"], doclens=dl.copy(),
+                        vectors=self.codec.decode(codes, residuals))
+
+    def writer(self, dst: Path) -> PlaidWriter:
+        """A writer producing a PLAID index with this index's codec in the empty directory ``dst``."""
+        return PlaidWriter(self, Path(dst))
+
+
+class PlaidWriter(ChunkWriter):
+    """Writes reduced chunks as a colbert-ai PLAID index with the source's codec (see :class:`PlaidFormat`)."""
+
+    def __init__(self, src: PlaidFormat, dst: Path) -> None:
+        if not dst.is_dir() or any(dst.iterdir()):
+            raise IndexFormatError(f"{dst}: the writer needs an existing empty directory")
+        self.src = src
+        self.dst = dst
+        self.next_chunk = 0
+        self.emb_offset = 0
+        self.ivf_keys: list[torch.Tensor] = []
+        self.closed = False
+        for name in ("centroids.pt", "buckets.pt", "avg_residual.pt", "plan.json", *PYLATE_ID_MAPS):
+            if (src.path / name).is_file():
+                copy_file_atomic(src.path / name, dst / name)
+
+    def write(self, chunk: Chunk) -> None:
+        """Encode one reduced chunk with the source codec and write its codes, residuals, doclens, metadata."""
+        if self.closed:
+            raise IndexFormatError("write() after close()")
+        check_chunk(chunk, self.src.codec.dim)
+        i = self.next_chunk
+        if chunk.index != i or i >= len(self.src.chunk_doclens):
+            raise IndexFormatError(f"chunk {chunk.index} written out of order: expected chunk {i} of "
+                                   f"{len(self.src.chunk_doclens)}")
+        meta = self.src.chunk_meta[i]
+        doclens = np.asarray(chunk.doclens, dtype=np.int64)
+        if chunk.doc_offset != meta["passage_offset"] or len(doclens) != meta["num_passages"]:
+            raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, {chunk.doc_offset + len(doclens)})"
+                                   f" but the source chunk holds [{meta['passage_offset']}, "
+                                   f"{meta['passage_offset'] + meta['num_passages']}): documents must stay in place")
+        codes, residuals = self.src.codec.encode(chunk.vectors)
+        codes32 = codes.to(torch.int32)
+        save_atomic(self.dst / f"{i}.codes.pt", lambda t: torch.save(codes32, t))
+        save_atomic(self.dst / f"{i}.residuals.pt", lambda t: torch.save(residuals, t))
+        atomic_write_text(self.dst / f"doclens.{i}.json", json.dumps([int(v) for v in doclens]))
+        n = int(doclens.sum())
+        atomic_write_text(self.dst / f"{i}.metadata.json", json.dumps(
+            {"passage_offset": int(meta["passage_offset"]), "num_passages": len(doclens), "num_embeddings": n,
+             "embedding_offset": self.emb_offset}, indent=4) + "\n")
+        self.ivf_keys.append(build_ivf_pairs(codes, doclens, int(meta["passage_offset"]), self.src.live))
+        self.emb_offset += n
+        self.next_chunk += 1
+
+    def close(self) -> None:
+        """Write the rebuilt IVF (``ivf.pid.pt``, colbert-ai's padded layout) and the updated ``metadata.json``."""
+        if self.closed:
+            return
+        if self.next_chunk != len(self.src.chunk_doclens):
+            raise IndexFormatError(f"close() after {self.next_chunk} of {len(self.src.chunk_doclens)} chunks")
+        partitions = int(self.src.codec.centroids.shape[0])
+        pids, lengths = ivf_from_pairs(self.ivf_keys, partitions)
+        ivf = pids.to(torch.int32)
+        # colbert-ai pads the IVF so a batched lookup of max_stride entries from the last list stays in bounds.
+        max_stride = int(lengths.max()) if lengths.numel() else 0
+        last_start = int(lengths[:-1].sum()) if lengths.numel() else 0
+        if last_start + max_stride > ivf.numel():
+            ivf = torch.cat([ivf, torch.zeros(max_stride, dtype=torch.int32)])
+        ivf_lengths = lengths.to(torch.int64)
+        save_atomic(self.dst / "ivf.pid.pt", lambda t: torch.save((ivf, ivf_lengths), t))
+        meta = dict(self.src.meta)
+        n_docs = int(self.src.live.size)
+        meta["num_embeddings"] = self.emb_offset
+        meta["avg_doclen"] = self.emb_offset / n_docs if n_docs else 0.0
+        atomic_write_text(self.dst / "metadata.json", json.dumps(meta, indent=4) + "\n")
+        self.ivf_keys = []
+        self.closed = True
