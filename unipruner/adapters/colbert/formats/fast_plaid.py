@@ -126,9 +126,11 @@ class FastPlaidFormat(IndexFormat):
     Examples
     --------
     >>> from pathlib import Path
-    >>> FastPlaidFormat.detect(Path("tests/fixtures/colbert/fast_plaid/cranfield"))
+    >>> import unipruner
+    >>> fixtures = Path(unipruner.__file__).parents[1] / "tests" / "fixtures" / "colbert"  # a source checkout
+    >>> FastPlaidFormat.detect(fixtures / "fast_plaid" / "cranfield")
     True
-    >>> FastPlaidFormat.open(Path("tests/fixtures/colbert/fast_plaid/cranfield")).info().n_vectors
+    >>> FastPlaidFormat.open(fixtures / "fast_plaid" / "cranfield").info().n_vectors
     17606
     """
 

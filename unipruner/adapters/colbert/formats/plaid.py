@@ -369,9 +369,11 @@ class PlaidFormat(IndexFormat):
     Examples
     --------
     >>> from pathlib import Path
-    >>> PlaidFormat.detect(Path("tests/fixtures/colbert/plaid/cranfield"))
+    >>> import unipruner
+    >>> fixtures = Path(unipruner.__file__).parents[1] / "tests" / "fixtures" / "colbert"  # a source checkout
+    >>> PlaidFormat.detect(fixtures / "plaid" / "cranfield")
     True
-    >>> PlaidFormat.open(Path("tests/fixtures/colbert/plaid/cranfield")).info().n_docs
+    >>> PlaidFormat.open(fixtures / "plaid" / "cranfield").info().n_docs
     300
     """
 

@@ -70,20 +70,22 @@ class VoyagerFormat(IndexFormat):
     Examples
     --------
     >>> from pathlib import Path
-    >>> VoyagerFormat.detect(Path("tests/fixtures/colbert/voyager/cranfield"))
+    >>> import unipruner
+    >>> fixtures = Path(unipruner.__file__).parents[1] / "tests" / "fixtures" / "colbert"  # a source checkout
+    >>> VoyagerFormat.detect(fixtures / "voyager" / "cranfield")
     True
     """
 
     name: ClassVar[str] = "voyager"
 
     def __init__(self, path: Path, index: Any, doc_keys: list[Any], emb_ids: list[np.ndarray],
-                 per_chunk: int = CHUNK_VECTORS) -> None:
+                 per_chunk: int | None = None) -> None:
         self.path = path
         self.index = index
         self.doc_keys = doc_keys
         self.emb_ids = emb_ids
         self.doclens = np.array([len(e) for e in emb_ids], dtype=np.int64)
-        self.bounds = _doc_chunks(self.doclens, per_chunk)
+        self.bounds = _doc_chunks(self.doclens, per_chunk or CHUNK_VECTORS)
 
     @classmethod
     def detect(cls, path: Path) -> bool:
