@@ -20,10 +20,12 @@ Usage::
   protected), and timm ``VisionTransformer``.
 * :func:`kept_tokens`, ``return_unmerged=True`` (dense outputs over the full patch grid) and
   :func:`visualize` (PNG of merged / dropped patches over the image).
+* :func:`demo_section` — the ``unipruner demo`` ViT section (ViT-B/16, ~10 s).
 """
 
 from __future__ import annotations
 
+from ._demo import demo_section
 from ._hosts import SUPPORTED_HOSTS
 from ._patch import VIT_METHODS, LayerTokens, ViTPatch, kept_tokens, patch, patched, settings, unpatch
 from ._visualize import visualize
@@ -33,6 +35,7 @@ __all__ = [
     "VIT_METHODS",
     "LayerTokens",
     "ViTPatch",
+    "demo_section",
     "kept_tokens",
     "patch",
     "patched",
