@@ -105,7 +105,8 @@ def test_detect_and_info() -> None:
     assert info.n_vectors == int(doclens.sum()) == json.loads((SRC / "metadata.json").read_text())["num_embeddings"]
     np.testing.assert_array_equal(info.doclens, doclens)
     assert info.details["nbits"] == 2 and info.details["num_partitions"] == 2048
-    assert info.details["removed_docs"] == 0 and info.details["pylate_id_maps"]
+    assert info.details["removed_docs"] == 0 and info.details["unlisted_docs"] == 0
+    assert info.details["pylate_id_maps"]
     assert info.n_bytes == sum(f.stat().st_size for f in SRC.iterdir())
     ids = [json.loads(line)["_id"] for line in (FIX / "docs.jsonl").read_text().splitlines()]
     assert PlaidFormat.open(SRC).doc_ids() == ids
@@ -193,20 +194,69 @@ def test_rewrite_with_fewer_vectors(tmp_path: Path) -> None:
     assert start == sum(len(v) for v in naive.values())
 
 
-def test_removed_documents_stay_removed(tmp_path: Path) -> None:
+def test_unlisted_documents_stay_out_of_the_ivf(tmp_path: Path) -> None:
     src = _copy(tmp_path)
     ivf, lengths = torch.load(src / "ivf.pid.pt", weights_only=True)
-    # What colbert-ai's IndexUpdater.remove does: drop the document from every inverted list.
-    keep = torch.ones(int(lengths.sum()), dtype=torch.bool)
-    keep &= ivf[: int(lengths.sum())] != 7
+    # A document dropped from every inverted list (what colbert-ai's IndexUpdater.remove does in memory).
+    keep = ivf[: int(lengths.sum())] != 7
     owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     new_lengths = torch.bincount(owner[keep], minlength=len(lengths))
     torch.save((ivf[: int(lengths.sum())][keep], new_lengths), src / "ivf.pid.pt")
-    assert PlaidFormat.open(src).info().details["removed_docs"] == 1
+    assert PlaidFormat.open(src).info().details["unlisted_docs"] == 1
     _rewrite(src, tmp_path / "dst")
     out_ivf, out_len = torch.load(tmp_path / "dst" / "ivf.pid.pt", weights_only=True)
     assert 7 not in out_ivf[: int(out_len.sum())].tolist()
     assert 8 in out_ivf[: int(out_len.sum())].tolist()
+
+
+def test_removed_documents_keep_their_id(tmp_path: Path) -> None:
+    """What IndexUpdater.persist_to_disk leaves after PyLate's remove_documents: length 0, rows and IVF gone."""
+    src = _copy(tmp_path)
+    pid, local = 260, 4  # the fifth document of chunk 2
+    dl = json.loads((src / "doclens.2.json").read_text())
+    start, n = sum(dl[:local]), dl[local]
+    for name in ("2.codes.pt", "2.residuals.pt"):
+        t = torch.load(src / name, weights_only=True)
+        torch.save(torch.cat([t[:start], t[start + n:]]), src / name)
+    dl[local] = 0
+    (src / "doclens.2.json").write_text(json.dumps(dl))
+    m = json.loads((src / "2.metadata.json").read_text())
+    m["num_embeddings"] -= n
+    (src / "2.metadata.json").write_text(json.dumps(m))
+    m = json.loads((src / "metadata.json").read_text())
+    m["num_embeddings"] = 2 * m["num_embeddings"] - n  # colbert-ai's IndexUpdater leaves it stale like this
+    (src / "metadata.json").write_text(json.dumps(m))
+    ivf, lengths = torch.load(src / "ivf.pid.pt", weights_only=True)
+    keep = ivf[: int(lengths.sum())] != pid
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    torch.save((ivf[: int(lengths.sum())][keep], torch.bincount(owner[keep], minlength=len(lengths))),
+               src / "ivf.pid.pt")
+
+    fmt = PlaidFormat.open(src)
+    info = fmt.info()
+    assert (info.n_docs, info.details["removed_docs"], info.details["unlisted_docs"]) == (299, 1, 0)
+    ids = fmt.doc_ids()
+    assert ids is not None and len(ids) == 299 and "261" not in ids and ids[259:261] == ["260", "262"]
+    chunks = list(fmt.chunks())
+    assert [c.doc_offset for c in chunks] == [0, 128, 256] and len(chunks[2].doclens) == 43
+    assert sum(len(c.doclens) for c in chunks) == info.n_docs and (info.doclens > 0).all()
+    _rewrite(src, tmp_path / "dst")
+    out_dl = json.loads((tmp_path / "dst" / "doclens.2.json").read_text())
+    assert len(out_dl) == 44 and out_dl[local] == 0 and all(v > 0 for j, v in enumerate(out_dl) if j != local)
+    out_ivf, out_len = torch.load(tmp_path / "dst" / "ivf.pid.pt", weights_only=True)
+    assert pid not in out_ivf[: int(out_len.sum())].tolist()
+    assert PlaidFormat.open(tmp_path / "dst").doc_ids() == ids
+    meta = json.loads((tmp_path / "dst" / "metadata.json").read_text())
+    assert meta["num_embeddings"] == PlaidFormat.open(tmp_path / "dst").info().n_vectors
+
+
+def test_global_count_must_match_without_removals(tmp_path: Path) -> None:
+    src = _copy(tmp_path)
+    meta = json.loads((src / "metadata.json").read_text())
+    meta["num_embeddings"] += 5
+    (src / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="num_embeddings"):
+        PlaidFormat.open(src)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -249,7 +249,7 @@ class FastPlaidFormat(IndexFormat):
     def doc_ids(self) -> list[str] | None:
         """Document ids in index order from PyLate's id map (restricted unpickling), or None without one."""
         return read_pylate_doc_ids(self.path / "plaid_ids_to_documents_ids.pkl",
-                                   int(sum(len(d) for d in self.chunk_doclens)))
+                                   np.arange(sum(len(d) for d in self.chunk_doclens)))
 
     def chunks(self) -> Iterator[Chunk]:
         """Yield each fast-plaid chunk decoded with the index's codec (memory: one chunk)."""

@@ -17,10 +17,13 @@ compression of Santhanam et al., "ColBERTv2", NAACL 2022)::
 
 Reading decodes every vector with the index's own codec, ``normalize(centroid[code] + bucket_weights[bucket])``;
 writing re-encodes the reduced vectors with the *same* centroids and buckets (nearest centroid by dot product,
-residual bucketised against the cutoffs, bits packed), rebuilds the IVF (unique document ids per centroid, only
-documents the source IVF still lists: documents removed with colbert-ai's ``IndexUpdater`` stay removed) and the
-metadata. Documents stay in place, so PyLate's pickled id maps are copied byte for byte and never unpickled.
-Tensors are loaded with ``torch.load(weights_only=True)`` only.
+residual bucketised against the cutoffs, bits packed), rebuilds the IVF (unique document ids per centroid) and the
+metadata. Documents removed with colbert-ai's ``IndexUpdater`` (PyLate's ``remove_documents``) keep their PLAID id
+with length 0 and no IVF entry: they are hidden from :meth:`PlaidFormat.chunks` (which yields the remaining documents,
+``doc_offset`` counting those only) and written back with length 0, so ids do not shift; a document with vectors that
+the IVF no longer lists is read and rewritten but stays out of the rebuilt IVF. Documents stay in place, so PyLate's
+pickled id maps are copied byte for byte and never unpickled. Tensors are loaded with ``torch.load(weights_only=True)``
+only.
 
 Memory: reading holds one chunk's codes, residuals and decoded float32 vectors (colbert-ai chunks hold at most
 25k documents), plus ``int64`` doclens and a boolean per document; the writer additionally keeps the unique
@@ -228,15 +231,16 @@ def load_json_file(path: Path, what: str) -> Any:
         raise IndexFormatError(f"{path}: not valid JSON ({what}): {err}") from err
 
 
-def check_doclens(value: Any, path: Path) -> np.ndarray:
-    """Validate a ``doclens.{i}.json`` list: non-negative integers; return int64 array."""
+def check_doclens(value: Any, path: Path, allow_empty: bool = False) -> np.ndarray:
+    """Validate a ``doclens.{i}.json`` list of integers >= 1 (>= 0 with ``allow_empty``); return an int64 array."""
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise IndexFormatError(f"{path}: expected a JSON list of integers (vectors per document)")
     arr = np.asarray(value, dtype=np.int64)
-    if arr.size and int(arr.min()) < 1:
+    low = 0 if allow_empty else 1
+    if arr.size and int(arr.min()) < low:
         j = int(np.argmin(arr))
         raise IndexFormatError(f"{path}: document {j} of this chunk has {int(arr[j])} vectors; every document "
-                               "needs at least one")
+                               "needs at least one" if low else f"{path}: negative document length {int(arr[j])}")
     return arr
 
 
@@ -339,10 +343,11 @@ def save_atomic(path: Path, write: Any) -> None:
         raise
 
 
-def read_pylate_doc_ids(path: Path, n_docs: int) -> list[str] | None:
-    """Document ids in index order from PyLate's ``plaid_ids_to_documents_ids.pkl`` (restricted unpickling).
+def read_pylate_doc_ids(path: Path, pids: np.ndarray) -> list[str] | None:
+    """Ids of the documents with PLAID ids ``pids`` from PyLate's ``plaid_ids_to_documents_ids.pkl``.
 
-    Returns None when the map is absent or does not cover ``0 .. n_docs - 1``.
+    The map is read with :func:`restricted_pickle_load` (plain data only). Returns None when the map is absent or
+    lacks one of ``pids``.
     """
     if not path.is_file():
         return None
@@ -350,7 +355,7 @@ def read_pylate_doc_ids(path: Path, n_docs: int) -> list[str] | None:
     if not isinstance(m, dict):
         raise IndexFormatError(f"{path}: expected a dict of PLAID id -> document id, got {type(m).__name__}")
     try:
-        return [str(m[i]) for i in range(n_docs)]
+        return [str(m[int(i)]) for i in pids]
     except KeyError:
         return None
 
@@ -384,9 +389,11 @@ class PlaidFormat(IndexFormat):
         self.path = path
         self.meta = meta
         self.codec = codec
-        self.chunk_doclens = doclens
+        self.chunk_doclens = doclens  # per chunk, as stored (0 for removed documents)
         self.chunk_meta = chunk_meta
-        self.live = live
+        self.live = live  # per PLAID id: listed in the source IVF
+        n_present = [int((d > 0).sum()) for d in doclens]
+        self.present_offsets = np.concatenate([[0], np.cumsum(n_present)]).astype(np.int64)
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -438,7 +445,7 @@ class PlaidFormat(IndexFormat):
         doc_off = emb_off = 0
         for i in range(n_chunks):
             dl = check_doclens(load_json_file(p / f"doclens.{i}.json", f"doclens of chunk {i}"),
-                               p / f"doclens.{i}.json")
+                               p / f"doclens.{i}.json", allow_empty=True)
             cm = load_json_file(p / f"{i}.metadata.json", f"metadata of chunk {i}")
             n_pass = require_int(cm, "num_passages", p / f"{i}.metadata.json")
             n_i = require_int(cm, "num_embeddings", p / f"{i}.metadata.json")
@@ -457,8 +464,11 @@ class PlaidFormat(IndexFormat):
                                "embedding_offset": emb_off})
             doc_off += n_pass
             emb_off += n_i
-        if emb_off != n_emb:
+        n_removed = int(sum(int((d == 0).sum()) for d in all_doclens))
+        if emb_off != n_emb and not n_removed:
             raise IndexFormatError(f"{p / 'metadata.json'}: num_embeddings = {n_emb} but the chunks hold {emb_off}")
+        # colbert-ai's IndexUpdater leaves a wrong global num_embeddings after removals (PyLate 1.6.0: about twice
+        # the true count); the chunks, each checked against its codes above, are the truth and the writer fixes it.
 
         ivf_obj = load_tensor_file(p / "ivf.pid.pt", "inverted file (document ids per centroid)")
         if not isinstance(ivf_obj, (tuple, list)) or len(ivf_obj) != 2 or \
@@ -478,25 +488,29 @@ class PlaidFormat(IndexFormat):
 
     def info(self) -> IndexInfo:
         """Summary: documents, vectors, dim, bytes on disk, doclens, chunks, and codec details."""
-        doclens = np.concatenate(self.chunk_doclens) if self.chunk_doclens else np.zeros(0, np.int64)
+        stored = np.concatenate(self.chunk_doclens) if self.chunk_doclens else np.zeros(0, np.int64)
+        doclens = stored[stored > 0]
         return IndexInfo(
             format=self.name, path=self.path, n_docs=int(doclens.size), n_vectors=int(doclens.sum()),
             dim=self.codec.dim, n_bytes=dir_bytes(self.path), doclens=doclens, n_chunks=len(self.chunk_doclens),
             details={"nbits": self.codec.nbits, "num_partitions": int(self.codec.centroids.shape[0]),
-                     "codec": "colbert-ai residual", "removed_docs": int((~self.live).sum()),
+                     "codec": "colbert-ai residual", "removed_docs": int((stored == 0).sum()),
+                     "unlisted_docs": int((~self.live & (stored > 0)).sum()),
                      "pylate_id_maps": all((self.path / f).is_file() for f in PYLATE_ID_MAPS)})
 
     def doc_ids(self) -> list[str] | None:
-        """Document ids in index order from PyLate's id map (restricted unpickling), or None without one."""
-        return read_pylate_doc_ids(self.path / "plaid_ids_to_documents_ids.pkl", int(self.live.size))
+        """Ids of the documents :meth:`chunks` yields, from PyLate's id map (restricted unpickling), or None."""
+        stored = np.concatenate(self.chunk_doclens) if self.chunk_doclens else np.zeros(0, np.int64)
+        return read_pylate_doc_ids(self.path / "plaid_ids_to_documents_ids.pkl", np.flatnonzero(stored > 0))
 
     def chunks(self) -> Iterator[Chunk]:
-        """Yield each colbert-ai chunk decoded with the index's codec (memory: one chunk)."""
-        for i, (dl, cm) in enumerate(zip(self.chunk_doclens, self.chunk_meta, strict=True)):
+        """Yield each colbert-ai chunk decoded with the index's codec (memory: one chunk); removed documents
+        (length 0) are left out and ``doc_offset`` counts the documents yielded before."""
+        for i, dl in enumerate(self.chunk_doclens):
             codes = load_tensor_file(self.path / f"{i}.codes.pt", f"centroid codes of chunk {i}")
             residuals = load_tensor_file(self.path / f"{i}.residuals.pt", f"residuals of chunk {i}")
             check_codes_residuals(codes, residuals, int(dl.sum()), self.codec, i, self.path)
-            yield Chunk(index=i, doc_offset=cm["passage_offset"], doclens=dl.copy(),
+            yield Chunk(index=i, doc_offset=int(self.present_offsets[i]), doclens=dl[dl > 0].copy(),
                         vectors=self.codec.decode(codes, residuals))
 
     def writer(self, dst: Path) -> PlaidWriter:
@@ -530,11 +544,14 @@ class PlaidWriter(ChunkWriter):
             raise IndexFormatError(f"chunk {chunk.index} written out of order: expected chunk {i} of "
                                    f"{len(self.src.chunk_doclens)}")
         meta = self.src.chunk_meta[i]
-        doclens = np.asarray(chunk.doclens, dtype=np.int64)
-        if chunk.doc_offset != meta["passage_offset"] or len(doclens) != meta["num_passages"]:
-            raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, {chunk.doc_offset + len(doclens)})"
-                                   f" but the source chunk holds [{meta['passage_offset']}, "
-                                   f"{meta['passage_offset'] + meta['num_passages']}): documents must stay in place")
+        present = self.src.chunk_doclens[i] > 0
+        first, end = int(self.src.present_offsets[i]), int(self.src.present_offsets[i + 1])
+        if chunk.doc_offset != first or len(chunk.doclens) != end - first:
+            raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, "
+                                   f"{chunk.doc_offset + len(chunk.doclens)}) but the source chunk holds [{first}, "
+                                   f"{end}): documents must stay in place")
+        doclens = np.zeros(len(present), dtype=np.int64)  # removed documents keep their id with length 0
+        doclens[present] = np.asarray(chunk.doclens, dtype=np.int64)
         codes, residuals = self.src.codec.encode(chunk.vectors)
         codes32 = codes.to(torch.int32)
         save_atomic(self.dst / f"{i}.codes.pt", lambda t: torch.save(codes32, t))
@@ -565,7 +582,7 @@ class PlaidWriter(ChunkWriter):
         ivf_lengths = lengths.to(torch.int64)
         save_atomic(self.dst / "ivf.pid.pt", lambda t: torch.save((ivf, ivf_lengths), t))
         meta = dict(self.src.meta)
-        n_docs = int(self.src.live.size)
+        n_docs = int(self.src.present_offsets[-1])
         meta["num_embeddings"] = self.emb_offset
         meta["avg_doclen"] = self.emb_offset / n_docs if n_docs else 0.0
         atomic_write_text(self.dst / "metadata.json", json.dumps(meta, indent=4) + "\n")
