@@ -16,7 +16,7 @@ The per-chunk task is :func:`~._methods.reduce_chunk` ``(chunk, spec, counts=...
 picklable inputs, so a distributed engine can map it over the chunks and feed the results, in order, to
 ``fmt.writer(tmp).write``.
 
-Memory bound: the source format's chunk (raw: <= 2^20 vectors, float32) times ``2 * workers + 1`` chunks in flight
+Memory bound: the source format's chunk (raw: <= 2^18 vectors, float32) times ``2 * workers + 1`` chunks in flight
 (decoded input + reduced output), plus per-batch workspace (one ``[B, N, N]`` float32 matrix <= 64 MiB per process)
 and, for a global budget, 8 bytes per vector of the whole index for the scores.
 """

@@ -134,7 +134,10 @@ def compress_cmd(
             texts = corpus_texts(corpus, open_index(src).doc_ids())
             enc = load_encoder(model)
             tokenizer, max_length = enc.tokenizer, int(enc.max_seq_length)
-        n_docs = open_index(src).info().n_docs
+        from ._compress import _check_paths
+
+        n_docs = open_index(src).info().n_docs  # validate SRC and DST before the progress bar starts
+        _check_paths(src, dst, force)
         with Progress(TextColumn("[bold]compress"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                       transient=False) as bar:

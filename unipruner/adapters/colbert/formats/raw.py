@@ -10,9 +10,9 @@ Khattab & Zaharia, SIGIR 2020, without compression)::
     ids.json               list of n document ids (strings)
 
 Reading is memory-mapped and chunked: a chunk holds whole documents and at most ``chunk_vectors`` vectors (default
-2^20, i.e. 512 MiB of float32 at dim 128 ... 1.5 GiB at dim 384), except a single document longer than that, which is
-a chunk alone. Writing streams chunks straight into the final files (headers are reserved and filled in on close).
-Nothing is unpickled: ``np.load(allow_pickle=False)`` and safetensors only.
+2^18 = 262,144, i.e. 128 MiB of float32 at dim 128, 384 MiB at dim 384), except a single document longer than that,
+which is a chunk alone. Writing streams chunks straight into the final files (headers are reserved and filled in on
+close). Nothing is unpickled: ``np.load(allow_pickle=False)`` and safetensors only.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = ["FORMAT_NAME", "RawIndex", "write_raw"]
 FORMAT_NAME = "unipruner-colbert-raw"
 VERSION = 1
 #: default chunk bound (vectors per chunk)
-CHUNK_VECTORS = 2**20
+CHUNK_VECTORS = 2**18
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _ST_DTYPES = {"F16": "float16", "F32": "float32"}
 _NPY_HEADER = 128  # bytes reserved for the .npy header (magic + length + dict)
@@ -163,7 +163,7 @@ class RawIndex(IndexFormat):
     def open(cls, path: Path, chunk_vectors: int | None = None) -> RawIndex:
         """Open and validate a raw index (manifest, dtypes, shapes, doclens vs vectors, ids).
 
-        ``chunk_vectors`` bounds the vectors per chunk (default: the module's ``CHUNK_VECTORS``, 2^20).
+        ``chunk_vectors`` bounds the vectors per chunk (default: the module's ``CHUNK_VECTORS``, 2^18).
         """
         path = Path(path)
         if chunk_vectors is None:

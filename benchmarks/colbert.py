@@ -1,0 +1,273 @@
+"""ColBERT index compression on Cranfield with all-MiniLM-L6-v2 token embeddings (issue #5).
+
+Parts (``--part``, default all):
+
+* ``retention``: nDCG@10 / recall@100 / MRR@10 of exact MaxSim search before and after compressing the index with
+  every method at 50 / 33 / 25 % of the vectors kept (pool factor 2 / 3 / 4), plus pruning 30 % (70 % kept).
+  Every row goes through the real pipeline (raw index on disk -> ``compress`` -> evaluation of the written index).
+* ``pylate``: PyLate 1.6.0's own ``pool_embeddings_hierarchical`` (``pool_factor``, scipy Ward per document), run in
+  ``.venv-pylate`` as a subprocess on the same saved embeddings: retention at the same vector count and time per
+  document, next to our Ward pooling (batched torch; both single-threaded).
+* ``scale``: time and peak memory (ru_maxrss of a fresh process) to compress synthetic raw indexes of 250k, 500k
+  and 1M vectors (dim 128, float16) with Ward pool factor 2: memory stays flat because chunks are bounded.
+
+Run: ``python benchmarks/colbert.py`` (about 15 min on 2 cores; ``--part retention`` etc. for one part).
+Embeddings are encoded once and cached under ``benchmarks/results/cache/`` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import RESULTS, ROOT, Report, plot, shared_data
+
+from unipruner.adapters.colbert._compress import compress, open_index
+from unipruner.adapters.colbert._eval import (
+    BeirData,
+    encode_tokens,
+    evaluate_index,
+    load_beir,
+    load_encoder,
+)
+from unipruner.adapters.colbert._methods import ReduceSpec, reduce_chunk
+from unipruner.adapters.colbert.formats import Chunk
+from unipruner.adapters.colbert.formats.raw import write_raw
+
+CACHE = RESULTS / "cache" / "cranfield_minilm.safetensors"
+IMG = ROOT / "docs" / "img"
+PYLATE_PY = ROOT / ".venv-pylate" / "bin" / "python"
+POOLING = ("ward", "ward_cosine", "kmeans", "sequential")
+PRUNING = ("first", "norm", "duplicates", "diversity", "centroid", "idf", "stopwords")
+GLOBAL = ("idf", "stopwords", "duplicates")
+LEVELS = ((2.0, 0.5), (3.0, 1 / 3), (4.0, 0.25))
+
+
+def embeddings(data: BeirData) -> tuple[list[torch.Tensor], torch.Tensor, np.ndarray]:
+    """Query token vectors, flat document vectors and doclens (encoded once, cached)."""
+    from safetensors.torch import load_file, save_file
+
+    if not CACHE.exists():
+        model = load_encoder("minilm")
+        t0 = time.perf_counter()
+        q = encode_tokens(model, data.query_texts)
+        d = encode_tokens(model, data.doc_texts)
+        print(f"encoded {len(d)} documents and {len(q)} queries in {time.perf_counter() - t0:.0f} s")
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE.with_suffix(".tmp")
+        save_file({"q": torch.cat(q), "qlens": torch.tensor([x.shape[0] for x in q]), "d": torch.cat(d),
+                   "dlens": torch.tensor([x.shape[0] for x in d])}, str(tmp))
+        os.replace(tmp, CACHE)
+    e = load_file(str(CACHE))
+    q = list(torch.split(e["q"], e["qlens"].tolist()))
+    return q, e["d"], e["dlens"].numpy().astype(np.int64)
+
+
+def retention_part(data: BeirData, q: list[torch.Tensor], flat: torch.Tensor, lens: np.ndarray,
+                   work: Path) -> tuple[Report, dict[str, Any]]:
+    src = write_raw(work / "src", flat, doclens=lens.tolist(), ids=data.doc_ids)
+    base = evaluate_index(open_index(src), data, q)
+    tok_model = load_encoder("minilm")
+    tok, maxlen = tok_model.tokenizer, int(tok_model.max_seq_length)
+    rep = Report("colbert_retention", ["method", "budget", "kept", "nDCG@10", "retention", "recall@100",
+                                       "MRR@10", "compress_s"])
+    rep.add(method="none (full index)", budget="-", kept=1.0, **{"nDCG@10": base.ndcg10, "retention": 1.0,
+            "recall@100": base.recall100, "MRR@10": base.mrr10, "compress_s": 0.0})
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    runs: list[tuple[str, ReduceSpec, str]] = []
+    for m in POOLING:
+        for f, _ in LEVELS:
+            runs.append((m, ReduceSpec(m, factor=f, protected=1), f"factor {f:g}"))
+    for m in PRUNING:
+        for r in (0.7, *(x for _, x in LEVELS)):
+            runs.append((m, ReduceSpec(m, ratio=r, protected=1), f"ratio {r:.2f}"))
+    for m in GLOBAL:
+        for r in (0.7, *(x for _, x in LEVELS)):
+            runs.append((f"{m} (global)", ReduceSpec(m, ratio=r, protected=1, scope="global"), f"ratio {r:.2f}"))
+    for i, (label, spec, budget) in enumerate(runs):
+        dst = work / f"dst{i}"
+        t0 = time.perf_counter()
+        res = compress(src, dst, spec, texts=data.doc_texts, tokenizer=tok, max_length=maxlen)
+        sec = time.perf_counter() - t0
+        ev = evaluate_index(open_index(dst), data, q)
+        kept = res.dst.n_vectors / res.src.n_vectors
+        rep.add(method=label, budget=budget, kept=kept, **{"nDCG@10": ev.ndcg10, "retention": ev.ndcg10 / base.ndcg10,
+                "recall@100": ev.recall100, "MRR@10": ev.mrr10, "compress_s": sec})
+        xs, ys = curves.setdefault(label, ([], []))
+        xs.append(kept)
+        ys.append(ev.ndcg10 / base.ndcg10)
+        print(f"{label:22s} {budget:12s} kept {kept:.3f} nDCG@10 {ev.ndcg10:.4f} ({ev.ndcg10 / base.ndcg10:.2%})",
+              flush=True)
+        import shutil
+
+        shutil.rmtree(dst)
+    rep.notes.append(f"Cranfield, {len(data.doc_ids)} documents, {len(data.query_ids)} judged queries, "
+                     f"{int(lens.sum()):,} all-MiniLM-L6-v2 token vectors (L2-normalised, [CLS] protected); "
+                     "exact MaxSim; retention = nDCG@10 after / before.")
+    return rep, {"base": base, "curves": curves}
+
+
+_PYLATE_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from pylate.models.colbert import ColBERT
+    flat = torch.from_numpy(np.load(sys.argv[1])); lens = np.load(sys.argv[2]); out = sys.argv[3]
+    docs = list(torch.split(flat, lens.tolist()))
+    res = {}
+    for f in (2, 3, 4):
+        t0 = time.perf_counter()
+        pooled = ColBERT.pool_embeddings_hierarchical(None, docs, pool_factor=f, protected_tokens=1)
+        sec = time.perf_counter() - t0
+        np.save(f"{out}/pooled{f}.npy", torch.cat(pooled).numpy())
+        np.save(f"{out}/lens{f}.npy", np.array([p.shape[0] for p in pooled], dtype=np.int64))
+        res[f] = sec
+    print(json.dumps(res))
+''')
+
+
+def pylate_part(data: BeirData, q: list[torch.Tensor], flat: torch.Tensor, lens: np.ndarray, work: Path,
+                base_ndcg: float) -> Report:
+    if not PYLATE_PY.exists():
+        raise SystemExit(f"{PYLATE_PY} is missing: build .venv-pylate first (scripts/ci_pylate.sh)")
+    np.save(work / "flat.npy", flat.numpy())
+    np.save(work / "lens.npy", lens)
+    proc = subprocess.run([str(PYLATE_PY), "-c", _PYLATE_SCRIPT, str(work / "flat.npy"), str(work / "lens.npy"),
+                           str(work)], capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"PyLate subprocess failed:\n{proc.stderr[-3000:]}")
+    pylate_s = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    rep = Report("colbert_pylate", ["pool_factor", "impl", "vectors", "nDCG@10", "retention", "ms_per_doc",
+                                    "speedup"])
+    n_docs = len(lens)
+    chunk = Chunk(0, 0, lens, flat)
+    for f in (2, 3, 4):
+        pl_flat = torch.from_numpy(np.load(work / f"pooled{f}.npy"))
+        pl_lens = np.load(work / f"lens{f}.npy")
+        pl_idx = write_raw(work / f"pylate{f}", pl_flat, doclens=pl_lens.tolist(), ids=data.doc_ids)
+        pl_ev = evaluate_index(open_index(pl_idx), data, q)
+        rep.add(pool_factor=f, impl="PyLate 1.6.0 (scipy Ward per doc)", vectors=int(pl_lens.sum()),
+                **{"nDCG@10": pl_ev.ndcg10, "retention": pl_ev.ndcg10 / base_ndcg,
+                   "ms_per_doc": 1e3 * pylate_s[f] / n_docs, "speedup": 1.0})
+        for method in ("ward_cosine", "ward"):
+            spec = ReduceSpec(method, factor=f, protected=1)
+            reduce_chunk(Chunk(0, 0, lens[:50], flat[: int(lens[:50].sum())]), spec)  # warm-up
+            t0 = time.perf_counter()
+            ours = reduce_chunk(chunk, spec)
+            our_s = time.perf_counter() - t0
+            our_idx = write_raw(work / f"{method}{f}", ours.vectors, doclens=ours.doclens.tolist(), ids=data.doc_ids)
+            our_ev = evaluate_index(open_index(our_idx), data, q)
+            rep.add(pool_factor=f, impl=f"unipruner {method} (batched torch)", vectors=int(ours.doclens.sum()),
+                    **{"nDCG@10": our_ev.ndcg10, "retention": our_ev.ndcg10 / base_ndcg,
+                       "ms_per_doc": 1e3 * our_s / n_docs, "speedup": pylate_s[f] / our_s})
+            print(f"factor {f}: PyLate {pl_ev.ndcg10:.4f} {pylate_s[f]:.2f}s | {method} {our_ev.ndcg10:.4f} "
+                  f"{our_s:.2f}s", flush=True)
+    rep.notes.append("Same embeddings, protected_tokens=1, one CPU thread each (PyLate in .venv-pylate as a "
+                     "subprocess). Time = pooling all documents, divided by the number of documents.")
+    return rep
+
+
+_SCALE_SCRIPT = textwrap.dedent('''
+    import json, resource, sys, time, torch
+    torch.set_num_threads(int(sys.argv[4]))
+    from unipruner.adapters.colbert._compress import compress
+    from unipruner.adapters.colbert._methods import ReduceSpec
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    r = compress(sys.argv[1], sys.argv[2], ReduceSpec("ward", factor=2, protected=1), workers=int(sys.argv[3]))
+    sec = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": sec, "peak_mib": peak / 1024, "base_mib": base / 1024,
+                      "chunks": r.src.n_chunks, "n_in": r.src.n_vectors, "n_out": r.dst.n_vectors,
+                      "bytes_in": r.src.n_bytes, "bytes_out": r.dst.n_bytes}))
+''')
+
+
+def scale_part(work: Path, sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000)) -> Report:
+    rep = Report("colbert_scale", ["vectors", "documents", "chunks", "seconds", "vectors_per_s", "peak_rss_mib",
+                                   "rss_after_imports_mib", "bytes_in", "bytes_out"])
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        lens = rng.integers(32, 161, size=n // 60 + 10)
+        lens = lens[: int(np.searchsorted(np.cumsum(lens), n)) + 1]
+        lens[-1] -= int(lens.sum()) - n
+        if lens[-1] < 1:
+            lens = lens[:-1]
+            lens[-1] += n - int(lens.sum())
+        src = work / f"syn{n}"
+        # random unit vectors (the pooling cost does not depend on the content)
+        g = torch.Generator().manual_seed(n)
+        vecs = torch.empty(n, 128, dtype=torch.float16)
+        for a in range(0, n, 2**18):  # generate in slices to keep this process small too
+            b = min(n, a + 2**18)
+            vecs[a:b] = torch.nn.functional.normalize(torch.randn(b - a, 128, generator=g), dim=1).half()
+        write_raw(src, vecs, doclens=lens.tolist(), dtype="float16")
+        del vecs
+        proc = subprocess.run([sys.executable, "-c", _SCALE_SCRIPT, str(src), str(work / f"out{n}"), "1", "2"],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"scale run failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rep.add(vectors=n, documents=len(lens), chunks=r["chunks"], seconds=r["seconds"],
+                vectors_per_s=n / r["seconds"], peak_rss_mib=r["peak_mib"], rss_after_imports_mib=r["base_mib"],
+                bytes_in=r["bytes_in"], bytes_out=r["bytes_out"])
+        print(f"{n:,} vectors: {r['seconds']:.1f} s, peak RSS {r['peak_mib']:.0f} MiB", flush=True)
+        import shutil
+
+        shutil.rmtree(src)
+        shutil.rmtree(work / f"out{n}")
+    rep.notes.append("Synthetic raw index (dim 128, float16, 32-160 vectors per document), Ward pool factor 2, "
+                     "protected 1, workers=1, 2 torch threads, chunks of <= 2^18 vectors; peak RSS of a fresh "
+                     "process (includes ~the RSS after importing torch, shown separately).")
+    return rep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("all", "retention", "pylate", "scale"), default="all")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cmd = "python benchmarks/colbert.py" + ("" if args.part == "all" else f" --part {args.part}")
+    with tempfile.TemporaryDirectory(prefix="colbert-bench-") as tmp:
+        work = Path(tmp)
+        if args.part in ("all", "retention", "pylate"):
+            data = load_beir(shared_data("ir", "cranfield"))
+            q, flat, lens = embeddings(data)
+        if args.part in ("all", "retention"):
+            rep, extra = retention_part(data, q, flat, lens, work)
+            rep.print()
+            rep.save(cmd)
+            IMG.mkdir(parents=True, exist_ok=True)
+            series = {k: v for k, v in extra["curves"].items()}
+            plot(IMG / "colbert_retention.png", series, xlabel="fraction of vectors kept",
+                 ylabel="nDCG@10 retention", title="Cranfield, MiniLM token vectors: retention vs vectors kept")
+        if args.part in ("all", "pylate"):
+            base = evaluate_index(open_index(write_raw(work / "base", flat, doclens=lens.tolist(),
+                                                       ids=data.doc_ids)), data, q)
+            torch.set_num_threads(1)
+            rep = pylate_part(data, q, flat, lens, work, base.ndcg10)
+            torch.set_num_threads(args.threads)
+            rep.print()
+            rep.save(cmd)
+        if args.part in ("all", "scale"):
+            rep = scale_part(work)
+            rep.print()
+            rep.save(cmd)
+
+
+if __name__ == "__main__":
+    main()
