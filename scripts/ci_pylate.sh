@@ -10,12 +10,15 @@
 # venv (with PyLate on top, whose default PLAID backend it is). Runs tests_envs/pylate_fast. Skip this stage
 # with STAGES=pylate (it downloads a CUDA build of torch 2.11, about 5 GB installed).
 #
+# Stage 1b, .venv-pylate13: pylate 1.3.4 (Voyager id maps in SqliteDict stores, PyLate 1.2 - 1.4) over stage 1's
+# dependencies. Runs tests_envs/pylate13.
+#
 # Idempotent: each venv is built once (a .ready marker records success) and unipruner is reinstalled editable
 # (cheap) every run. Fails, never skips, if anything is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-pylate fast}"
+STAGES="${STAGES:-pylate pylate13 fast}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 COMMON="sentence-transformers==5.3.0 transformers==5.3.0 fastkmeans==0.5.0 ujson ninja accelerate pandas datasets
         pytest numpy typer rich safetensors"
@@ -45,6 +48,26 @@ if [[ " $STAGES " == *" pylate "* ]]; then
     fi
     "$VENV/bin/python" -c "import pylate, voyager, unipruner.adapters.colbert.formats as f; print('pylate', pylate.__version__)"
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests_envs/pylate "$@"
+fi
+
+if [[ " $STAGES " == *" pylate13 "* ]]; then
+    # PyLate 1.2 - 1.4 kept the Voyager id maps in SqliteDict stores: pylate==1.3.4 on top of .venv-pylate's
+    # dependencies (a .pth file), with sqlitedict.
+    VENV=.venv-pylate13
+    [ -f .venv-pylate/.ready ] || { echo "$VENV needs .venv-pylate: run with STAGES containing pylate first" >&2; exit 1; }
+    if [ ! -f "$VENV/.ready" ]; then
+        [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+        "$VENV/bin/pip" install -q --no-deps pylate==1.3.4 sqlitedict
+        "$VENV/bin/pip" install -q --no-deps -e .
+        base=$(.venv-pylate/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        own=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        echo "$base" > "$own/zz_venv_pylate_deps.pth"
+        "$VENV/bin/python" -c "import pylate, sqlitedict; assert pylate.__version__ == '1.3.4'"
+        touch "$VENV/.ready"
+    else
+        "$VENV/bin/pip" install -q --no-deps -e .
+    fi
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests_envs/pylate13 "$@"
 fi
 
 if [[ " $STAGES " == *" fast "* ]]; then

@@ -7,12 +7,16 @@ Run inside ``.venv-pylate`` (built by ``scripts/ci_pylate.sh``)::
 
 What it writes (all from the first documents of Cranfield-1400, ``../shared/data/ir/cranfield``):
 
-- ``docs.jsonl``: the documents used (``_id``, ``text``), so tests can re-encode them.
+- ``docs.jsonl``: the documents used (``_id``, the first 240 characters of ``text``: tests build queries from them).
 - ``plaid/``: a colbert-ai PLAID index made by PyLate 1.6.0 ``indexes.PLAID(use_fast=False, nbits=2)``: the
   ``plaid/<name>/`` directory (chunk size forced to 128 documents so that it has several chunks) with
   ``metadata.json``, ``{i}.codes.pt``, ... plus PyLate's two pickled id maps.
 - ``voyager/``: a PyLate ``indexes.Voyager`` index (``index.voyager`` + two pickled id maps) of fewer
   documents (a float32 HNSW index is large: 512 bytes per vector plus its graph).
+- ``voyager_sqlite/`` (only with ``--pylate13-python``): the same kind of index as written by PyLate 1.2-1.4, whose
+  id maps are SqliteDict stores (``*.sqlite``, pickled values), made by ``pylate==1.3.4`` itself from the first
+  10 documents' vectors. A venv for it: ``python -m venv /tmp/v134 && /tmp/v134/bin/pip install --no-deps
+  pylate==1.3.4 sqlitedict`` plus a ``.pth`` file naming ``.venv-pylate``'s site-packages (for its dependencies).
 - ``fast_plaid/`` (only with ``--fast-plaid-python``): a fast-plaid index made by fast-plaid's own
   ``search.FastPlaid.create`` (the call PyLate's ``indexes.PLAID(use_fast=True)`` makes), run in a second venv
   with the torch that fast-plaid pins, plus the id maps written exactly as PyLate writes them. It is made with
@@ -47,8 +51,24 @@ SEED = 0
 DOC_LENGTH = 64
 N_PLAID = 300
 N_VOYAGER = 32
+N_VOYAGER_SQLITE = 10
+QUERY_CHARS = 240
 PLAID_CHUNK_DOCS = 128  # colbert-ai's chunk size is min(25k, 1 + n_docs): force several chunks on a small index
 FAST_PLAID_BATCH = 128  # fast-plaid's `batch_size` (documents per chunk), default 50k: several chunks here
+
+PYLATE13_SCRIPT = r"""
+import sys, numpy as np, pylate
+from pylate import indexes
+assert pylate.__version__.startswith("1.3"), pylate.__version__
+src, folder, ids = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+data = np.load(src)
+lens = np.load(src.replace("vectors.npy", "doclens.npy"))
+offs = np.concatenate([[0], np.cumsum(lens)])
+docs = [data[offs[i]:offs[i + 1]] for i in range(len(lens))]
+index = indexes.Voyager(index_folder=folder, index_name="cranfield", override=True, embedding_size=128, M=16)
+index.add_documents(documents_ids=ids, documents_embeddings=docs)
+print("PyLate", pylate.__version__, "Voyager (sqlite maps) written:", folder)
+"""
 
 FAST_PLAID_SCRIPT = r"""
 import sys, numpy as np, torch
@@ -97,6 +117,8 @@ def load_model():  # type: ignore[no-untyped-def]
 def main() -> None:
     """Encode the documents and write the fixtures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pylate13-python", default=None,
+                    help="python of a venv with pylate==1.3.4 (builds fixtures/colbert/voyager_sqlite)")
     ap.add_argument("--fast-plaid-python", default=None,
                     help="python of a venv with fast-plaid installed (builds fixtures/colbert/fast_plaid)")
     args = ap.parse_args()
@@ -116,7 +138,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with (OUT / "docs.jsonl").open("w") as fh:
         for d in docs:
-            fh.write(json.dumps(d) + "\n")
+            fh.write(json.dumps({"_id": d["_id"], "text": d["text"][:QUERY_CHARS]}) + "\n")
 
     # colbert-ai PLAID through PyLate (use_fast=False).
     shutil.rmtree(OUT / "plaid", ignore_errors=True)
@@ -131,6 +153,14 @@ def main() -> None:
                              embedding_size=128, M=16)
     vindex.add_documents(documents_ids=ids[:N_VOYAGER], documents_embeddings=emb[:N_VOYAGER])
     del vindex
+
+    if args.pylate13_python:
+        shutil.rmtree(OUT / "voyager_sqlite", ignore_errors=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(os.path.join(tmp, "vectors.npy"), np.concatenate(emb[:N_VOYAGER_SQLITE]))
+            np.save(os.path.join(tmp, "doclens.npy"), np.array([len(e) for e in emb[:N_VOYAGER_SQLITE]]))
+            subprocess.run([args.pylate13_python, "-c", PYLATE13_SCRIPT, os.path.join(tmp, "vectors.npy"),
+                            str(OUT / "voyager_sqlite"), ",".join(ids[:N_VOYAGER_SQLITE])], check=True)
 
     if args.fast_plaid_python:
         shutil.rmtree(OUT / "fast_plaid", ignore_errors=True)

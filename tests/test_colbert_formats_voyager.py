@@ -8,6 +8,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,58 @@ def test_writer_rejects_bad_chunks(tmp_path: Path) -> None:
     with pytest.raises(IndexFormatError, match="close"):
         w.close()
     assert list((tmp_path / "d").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- PyLate 1.2 - 1.4 layout (SqliteDict maps)
+SQL = FIX / "voyager_sqlite" / "cranfield"
+
+
+def _sqlite_rows(path: Path) -> list[tuple[str, bytes]]:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute('SELECT key, value FROM "unnamed" ORDER BY rowid').fetchall()
+    finally:
+        con.close()
+
+
+def test_sqlite_layout_read() -> None:
+    assert VoyagerFormat.detect(SQL) and detect_format(SQL) is VoyagerFormat
+    fmt = VoyagerFormat.open(SQL)
+    info = fmt.info()
+    rows = _sqlite_rows(SQL / "document_ids_to_embeddings.sqlite")
+    doc_map = {k: pickle.loads(v) for k, v in rows}  # test-only: the committed fixture made by PyLate 1.3.4
+    assert info.details["layout"] == "sqlite" and info.n_docs == len(doc_map) == 10
+    assert fmt.doc_ids() == list(doc_map)
+    index = voyager.Index.load(str(SQL / "index.voyager"))
+    (chunk,) = list(fmt.chunks())
+    naive = np.stack([index.get_vector(e) for v in doc_map.values() for e in v])
+    np.testing.assert_array_equal(chunk.vectors.numpy(), naive)
+
+
+def test_sqlite_layout_rewrite(tmp_path: Path) -> None:
+    written = _rewrite(SQL, tmp_path / "dst")
+    assert sorted(f.name for f in (tmp_path / "dst").iterdir()) == [
+        "document_ids_to_embeddings.sqlite", "embeddings_to_documents_ids.sqlite", "index.voyager"]
+    out = VoyagerFormat.open(tmp_path / "dst")
+    assert out.info().details["layout"] == "sqlite" and out.doc_ids() == VoyagerFormat.open(SQL).doc_ids()
+    np.testing.assert_array_equal(out.info().doclens, np.concatenate([w.doclens for w in written]))
+    emb_rows = _sqlite_rows(tmp_path / "dst" / "embeddings_to_documents_ids.sqlite")
+    assert all(isinstance(k, str) and k.isdigit() for k, _ in emb_rows)  # SqliteDict keys are text, as PyLate's
+    assert len(emb_rows) == out.info().n_vectors
+
+
+def test_sqlite_malicious_value_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(SQL, src)
+    marker = tmp_path / "pwned"
+    con = sqlite3.connect(src / "document_ids_to_embeddings.sqlite")
+    con.execute('UPDATE "unnamed" SET value = ? WHERE key = ?', (pickle.dumps(_Boom(str(marker))), "3"))
+    con.commit()
+    con.close()
+    with pytest.raises(IndexFormatError, match="refused to load"):
+        VoyagerFormat.open(src)
+    assert not marker.exists()
+    (src / "embeddings_to_documents_ids.sqlite").write_bytes(b"not a database at all" * 100)
+    shutil.copy(SQL / "document_ids_to_embeddings.sqlite", src / "document_ids_to_embeddings.sqlite")
+    with pytest.raises(IndexFormatError, match="not a SqliteDict store"):
+        VoyagerFormat.open(src)

@@ -59,7 +59,7 @@ from .base import (
     register,
 )
 
-__all__ = ["PlaidFormat", "PlaidWriter", "ResidualCodec", "restricted_pickle_load"]
+__all__ = ["PlaidFormat", "PlaidWriter", "ResidualCodec", "restricted_pickle_load", "restricted_pickle_loads"]
 
 PYLATE_ID_MAPS = ("documents_ids_to_plaid_ids.pkl", "plaid_ids_to_documents_ids.pkl")
 _CHUNK_FILE = re.compile(r"^(?:doclens\.(\d+)\.json|(\d+)\.(?:codes|residuals)\.pt|(\d+)\.metadata\.json)$")
@@ -180,6 +180,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                      "allowed in an index's pickled maps")
 
 
+def restricted_pickle_loads(data: bytes, what: str, where: str) -> Any:
+    """Unpickle ``data`` admitting only plain types and numpy arrays (see :func:`restricted_pickle_load`).
+
+    Raises
+    ------
+    IndexFormatError
+        If the data is truncated or references any other class or function; ``where`` names it in the message.
+    """
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+            ValueError) as err:
+        raise IndexFormatError(f"{where}: not a plain-data pickle ({what}): {err}. Only dicts/lists of ids and "
+                               "numpy arrays are read; rebuild the index if it holds anything else") from err
+
+
 def restricted_pickle_load(path: Path, what: str) -> Any:
     """Unpickle ``path`` admitting only plain types (dict, list, str, int, ...) and numpy arrays.
 
@@ -199,14 +215,10 @@ def restricted_pickle_load(path: Path, what: str) -> Any:
         If the file is missing, truncated, or references any other class or function.
     """
     try:
-        with open(path, "rb") as fh:
-            return _RestrictedUnpickler(io.BytesIO(fh.read())).load()
+        data = Path(path).read_bytes()
     except FileNotFoundError as err:
         raise IndexFormatError(f"{path}: missing ({what})") from err
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
-            ValueError) as err:
-        raise IndexFormatError(f"{path}: not a plain-data pickle ({what}): {err}. Only dicts/lists of ids and "
-                               "numpy arrays are read; rebuild the index if it holds anything else") from err
+    return restricted_pickle_loads(data, what, str(path))
 
 
 def load_tensor_file(path: Path, what: str, mmap: bool = False) -> Any:

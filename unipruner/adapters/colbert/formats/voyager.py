@@ -5,13 +5,17 @@ Layout (PyLate 1.x; Chaffin & Sourty, "PyLate: Flexible Training and Retrieval f
 Hierarchical Navigable Small World graphs", TPAMI 2018, as implemented by Spotify's Voyager)::
 
     index.voyager                      the HNSW index; its vectors are the documents' token vectors
-    document_ids_to_embeddings.pkl     {document id: [embedding id, ...]}   (pickled)
-    embeddings_to_documents_ids.pkl    {embedding id: document id}          (pickled)
+    document_ids_to_embeddings.pkl     {document id: [embedding id, ...]}   (pickled; PyLate >= 1.5)
+    embeddings_to_documents_ids.pkl    {embedding id: document id}          (pickled; PyLate >= 1.5)
 
-The two maps are pickles: they are read with a restricted unpickler that admits plain types (dict, list, str,
-int, ...) and numpy arrays only, so a tampered map is refused instead of executing anything. Documents are read
-in the order of ``document_ids_to_embeddings.pkl`` (PyLate's insertion order), in chunks of about 64k vectors;
-documents PyLate removed (absent from the map, ``mark_deleted`` in the graph) are not read and not written.
+PyLate 1.2 - 1.4 kept the same two maps as SqliteDict stores instead (``document_ids_to_embeddings.sqlite``,
+``embeddings_to_documents_ids.sqlite``: a table ``unnamed(key TEXT PRIMARY KEY, value BLOB)`` of pickled values, in
+insertion order); both layouts are read and each is written back in its own layout. Every pickle (a whole map, or
+each sqlite value) is read with a restricted unpickler that admits plain types (dict, list, str, int, ...) and
+numpy arrays only, so a tampered map is refused instead of executing anything; sqlite files are opened read-only.
+Documents are read in the order of the ``document_ids_to_embeddings`` map (PyLate's insertion order), in chunks of
+about 64k vectors; documents PyLate removed (absent from the map, ``mark_deleted`` in the graph) are not read and
+not written.
 
 Writing builds a new Voyager index with the same space, dimension, ``M``, ``ef_construction`` and storage type,
 adds each document's reduced vectors, and writes the two maps for the new embedding ids (document ids unchanged).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,13 +47,16 @@ from .base import (
     dir_bytes,
     register,
 )
-from .plaid import restricted_pickle_load, save_atomic
+from .plaid import restricted_pickle_load, restricted_pickle_loads, save_atomic
 
 __all__ = ["VoyagerFormat", "VoyagerWriter"]
 
 INDEX_FILE = "index.voyager"
 DOC_MAP = "document_ids_to_embeddings.pkl"
 EMB_MAP = "embeddings_to_documents_ids.pkl"
+SQLITE_DOC_MAP = "document_ids_to_embeddings.sqlite"
+SQLITE_EMB_MAP = "embeddings_to_documents_ids.sqlite"
+_SQLITE_TABLE = "unnamed"  # SqliteDict's default table
 CHUNK_VECTORS = 1 << 16
 
 
@@ -61,6 +69,42 @@ def _doc_chunks(doclens: np.ndarray, per_chunk: int) -> list[tuple[int, int]]:
     cuts = np.flatnonzero(np.diff(bucket)) + 1
     bounds = np.concatenate([[0], cuts, [doclens.size]])
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _read_sqlitedict(path: Path, what: str) -> dict[Any, Any]:
+    """Read a SqliteDict store (PyLate 1.2 - 1.4 id maps) read-only; values through the restricted unpickler."""
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = con.execute(f'SELECT key, value FROM "{_SQLITE_TABLE}" ORDER BY rowid').fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise IndexFormatError(f"{path}: not a SqliteDict store ({what}): {err}") from err
+    out: dict[Any, Any] = {}
+    for key, blob in rows:
+        if not isinstance(blob, bytes):
+            raise IndexFormatError(f"{path}: value of {key!r} is not a pickled blob ({what})")
+        out[key] = restricted_pickle_loads(blob, what, f"{path} [{key!r}]")
+    return out
+
+
+def _write_sqlitedict(path: Path, items: dict[Any, Any]) -> None:
+    """Write ``items`` as a SqliteDict store (same table, key text, pickled values), atomically."""
+    def write(tmp: str) -> None:
+        Path(tmp).unlink()
+        con = sqlite3.connect(tmp)
+        try:
+            con.execute(f'CREATE TABLE IF NOT EXISTS "{_SQLITE_TABLE}" (key TEXT PRIMARY KEY, value BLOB)')
+            con.executemany(f'REPLACE INTO "{_SQLITE_TABLE}" (key, value) VALUES (?, ?)',
+                            ((k, sqlite3.Binary(pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL)))
+                             for k, v in items.items()))
+            con.commit()
+        finally:
+            con.close()
+    save_atomic(path, write)
 
 
 @register
@@ -79,8 +123,9 @@ class VoyagerFormat(IndexFormat):
     name: ClassVar[str] = "voyager"
 
     def __init__(self, path: Path, index: Any, doc_keys: list[Any], emb_ids: list[np.ndarray],
-                 per_chunk: int | None = None) -> None:
+                 per_chunk: int | None = None, layout: str = "pickle") -> None:
         self.path = path
+        self.layout = layout  # "pickle" (PyLate >= 1.5) or "sqlite" (PyLate 1.2 - 1.4)
         self.index = index
         self.doc_keys = doc_keys
         self.emb_ids = emb_ids
@@ -89,9 +134,9 @@ class VoyagerFormat(IndexFormat):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        """True for a directory with ``index.voyager`` and PyLate's ``document_ids_to_embeddings.pkl``."""
+        """True for a directory with ``index.voyager`` and PyLate's ``document_ids_to_embeddings`` map."""
         p = Path(path)
-        return (p / INDEX_FILE).is_file() and (p / DOC_MAP).is_file()
+        return (p / INDEX_FILE).is_file() and ((p / DOC_MAP).is_file() or (p / SQLITE_DOC_MAP).is_file())
 
     @classmethod
     def open(cls, path: Path) -> VoyagerFormat:
@@ -109,8 +154,17 @@ class VoyagerFormat(IndexFormat):
         if not p.is_dir():
             raise IndexFormatError(f"{p} is not a directory: a PyLate Voyager index is a directory")
         voyager = require("voyager", "colbert")
-        doc_map = restricted_pickle_load(p / DOC_MAP, "PyLate's map from document ids to embedding ids")
-        emb_map = restricted_pickle_load(p / EMB_MAP, "PyLate's map from embedding ids to document ids")
+        layout = "pickle" if (p / DOC_MAP).is_file() or not (p / SQLITE_DOC_MAP).is_file() else "sqlite"
+        if layout == "pickle":
+            doc_map = restricted_pickle_load(p / DOC_MAP, "PyLate's map from document ids to embedding ids")
+            emb_map = restricted_pickle_load(p / EMB_MAP, "PyLate's map from embedding ids to document ids")
+        else:
+            doc_map = _read_sqlitedict(p / SQLITE_DOC_MAP, "PyLate's map from document ids to embedding ids")
+            raw = _read_sqlitedict(p / SQLITE_EMB_MAP, "PyLate's map from embedding ids to document ids")
+            try:  # SqliteDict keys are text
+                emb_map = {int(k): v for k, v in raw.items()}
+            except ValueError as err:
+                raise IndexFormatError(f"{p / SQLITE_EMB_MAP}: keys must be integer embedding ids ({err})") from err
         if not isinstance(doc_map, dict) or not isinstance(emb_map, dict):
             raise IndexFormatError(f"{p}: the id maps must be dicts, got {type(doc_map).__name__} / "
                                    f"{type(emb_map).__name__}")
@@ -150,7 +204,7 @@ class VoyagerFormat(IndexFormat):
         if not np.isin(flat, present).all():
             missing = flat[~np.isin(flat, present)][:5].tolist()
             raise IndexFormatError(f"{p / INDEX_FILE}: embedding ids {missing} of the maps are not in the index")
-        return cls(p, index, keys, emb_ids)
+        return cls(p, index, keys, emb_ids, layout=layout)
 
     def info(self) -> IndexInfo:
         """Summary: documents, vectors, dim, bytes on disk, doclens, chunks, HNSW parameters."""
@@ -158,7 +212,7 @@ class VoyagerFormat(IndexFormat):
             format=self.name, path=self.path, n_docs=len(self.doc_keys), n_vectors=int(self.doclens.sum()),
             dim=int(self.index.num_dimensions), n_bytes=dir_bytes(self.path), doclens=self.doclens.copy(),
             n_chunks=len(self.bounds),
-            details={"space": str(self.index.space), "M": int(self.index.M),
+            details={"layout": self.layout, "space": str(self.index.space), "M": int(self.index.M),
                      "ef_construction": int(self.index.ef_construction),
                      "storage_data_type": str(self.index.storage_data_type),
                      "graph_vectors": len(self.index.ids)})
@@ -220,12 +274,16 @@ class VoyagerWriter(ChunkWriter):
         self.next_chunk += 1
 
     def close(self) -> None:
-        """Save ``index.voyager`` and the two pickled maps (PyLate's layout), each atomically."""
+        """Save ``index.voyager`` and the two maps in the source's layout (pickles or SqliteDict), each atomically."""
         if self.closed:
             return
         if self.next_chunk != len(self.src.bounds):
             raise IndexFormatError(f"close() after {self.next_chunk} of {len(self.src.bounds)} chunks")
         save_atomic(self.dst / INDEX_FILE, lambda t: self.index.save(t))
-        atomic_write_bytes(self.dst / DOC_MAP, pickle.dumps(self.doc_map))
-        atomic_write_bytes(self.dst / EMB_MAP, pickle.dumps(self.emb_map))
+        if self.src.layout == "sqlite":
+            _write_sqlitedict(self.dst / SQLITE_DOC_MAP, self.doc_map)
+            _write_sqlitedict(self.dst / SQLITE_EMB_MAP, {str(k): v for k, v in self.emb_map.items()})
+        else:
+            atomic_write_bytes(self.dst / DOC_MAP, pickle.dumps(self.doc_map))
+            atomic_write_bytes(self.dst / EMB_MAP, pickle.dumps(self.emb_map))
         self.closed = True
