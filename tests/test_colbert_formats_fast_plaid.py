@@ -156,6 +156,8 @@ def test_raw_embeddings_copy_is_replaced_not_read(tmp_path: Path) -> None:
     np.save(src / INNER / "embeddings.npy", boom, allow_pickle=True)
     (src / INNER / "metadata.db").write_bytes(b"SQLite format 3\x00" + bytes(range(64)))
     (src / INNER / "buffer.npy").write_bytes(b"pending")
+    (src / INNER / "notes.txt").write_text("kept")
+    (src / "extra_map.json").write_text("{}")
     fmt = FastPlaidFormat.open(src)
     assert fmt.info().details["raw_embeddings_copy"] and fmt.info().details["metadata_db"]
     written = _rewrite(src, tmp_path / "dst")
@@ -163,6 +165,7 @@ def test_raw_embeddings_copy_is_replaced_not_read(tmp_path: Path) -> None:
     out = tmp_path / "dst" / INNER
     assert (out / "metadata.db").read_bytes() == (src / INNER / "metadata.db").read_bytes()
     assert not (out / "buffer.npy").exists()
+    assert (out / "notes.txt").read_text() == "kept" and (tmp_path / "dst" / "extra_map.json").read_text() == "{}"
     raw = np.load(out / "embeddings.npy", allow_pickle=True)  # written by us just above
     assert raw.dtype == object and len(raw) == 300
     flat = np.concatenate([w.vectors.numpy() for w in written])

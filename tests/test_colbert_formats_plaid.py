@@ -250,6 +250,40 @@ def test_removed_documents_keep_their_id(tmp_path: Path) -> None:
     assert meta["num_embeddings"] == PlaidFormat.open(tmp_path / "dst").info().n_vectors
 
 
+def test_other_files_are_copied_byte_for_byte(tmp_path: Path) -> None:
+    src = _copy(tmp_path)
+    (src / "pid_docid_map.json").write_text(json.dumps({str(i): f"doc-{i}" for i in range(300)}))  # RAGatouille
+    (src / "collection.json").write_text(json.dumps(["text"] * 300))
+    _rewrite(src, tmp_path / "dst")
+    for name in ("pid_docid_map.json", "collection.json"):
+        assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_older_vector_level_ivf(tmp_path: Path) -> None:
+    """Indexes from older colbert-ai versions only have ivf.pt (vector ids per centroid)."""
+    src = _copy(tmp_path)
+    codes = torch.cat([torch.load(src / f"{i}.codes.pt", weights_only=True) for i in range(3)]).long()
+    order = torch.sort(codes, stable=True).indices
+    # Drop every vector of document 11 from the lists (it is then unlisted).
+    dl = torch.tensor(np.concatenate([json.loads((src / f"doclens.{i}.json").read_text()) for i in range(3)]))
+    emb2pid = torch.repeat_interleave(torch.arange(300), dl)
+    order = order[emb2pid[order] != 11]
+    torch.save((order.to(torch.int32), torch.bincount(codes[order], minlength=2048)), src / "ivf.pt")
+    (src / "ivf.pid.pt").unlink()
+    fmt = PlaidFormat.open(src)
+    assert fmt.info().details["unlisted_docs"] == 1
+    _rewrite(src, tmp_path / "dst")
+    assert not (tmp_path / "dst" / "ivf.pt").exists()
+    ivf, lengths = torch.load(tmp_path / "dst" / "ivf.pid.pt", weights_only=True)
+    listed = set(ivf[: int(lengths.sum())].tolist())
+    assert 11 not in listed and listed == set(range(300)) - {11}
+    # Vector ids beyond the index are an error.
+    torch.save((torch.tensor([0, 10**7], dtype=torch.int32), torch.bincount(torch.tensor([0, 1]), minlength=2048)),
+               src / "ivf.pt")
+    with pytest.raises(IndexFormatError, match="ids outside"):
+        PlaidFormat.open(src)
+
+
 def test_global_count_must_match_without_removals(tmp_path: Path) -> None:
     src = _copy(tmp_path)
     meta = json.loads((src / "metadata.json").read_text())

@@ -22,10 +22,10 @@ bare fast-plaid directory (used without PyLate) is accepted too::
 
 Reading decodes with the index's own codec (:class:`~.plaid.ResidualCodec`, the same as colbert-ai's); writing
 re-encodes the reduced vectors with the same centroids and buckets, rebuilds ``ivf.npy``/``ivf_lengths.npy`` and
-the metadata, and copies the codec files, ``metadata.db`` and PyLate's id maps byte for byte (documents stay in
-place). ``embeddings.npy`` (fast-plaid keeps it for indexes of up to 1000 documents, to rebuild them from scratch
-on update) is never unpickled; when the source has one, the writer writes the reduced vectors in its place so an
-update starts from the compressed index. ``buffer.npy`` (pending vectors for centroid expansion) is dropped.
+the metadata, and copies every other file (codec files, ``metadata.db``, PyLate's id maps, ...) byte for byte
+(documents stay in place). ``embeddings.npy`` (fast-plaid keeps it for indexes of up to 1000 documents, to rebuild
+them from scratch on update) is never unpickled; when the source has one, the writer writes the reduced vectors in its
+place so an update starts from the compressed index. ``buffer.npy`` (pending vectors for centroid expansion) is dropped.
 Arrays are read with ``numpy.load(allow_pickle=False)``.
 
 Memory: one chunk (fast-plaid's chunks hold ``batch_size`` documents, 50k by default), plus doclens; the writer
@@ -60,7 +60,6 @@ from .base import (
     register,
 )
 from .plaid import (
-    PYLATE_ID_MAPS,
     ResidualCodec,
     build_ivf_pairs,
     check_codec,
@@ -77,8 +76,8 @@ from .plaid import (
 __all__ = ["FastPlaidFormat", "FastPlaidWriter", "load_npy"]
 
 SUBDIR = "fast_plaid_index"
-_GLOBAL_COPIES = ("centroids.npy", "bucket_cutoffs.npy", "bucket_weights.npy", "avg_residual.npy",
-                  "cluster_threshold.npy", "plan.json", "metadata.db")
+# Written anew (or deliberately dropped) by the writer; every other file is copied byte for byte.
+_NOT_COPIED = {"metadata.json", "ivf.npy", "ivf_lengths.npy", "embeddings.npy", "buffer.npy", "plaid.lock"}
 _CHUNK_FILE = re.compile(r"^(?:doclens\.(\d+)\.json|(\d+)\.(?:codes|residuals)\.npy|(\d+)\.metadata\.json)$")
 
 
@@ -281,13 +280,16 @@ class FastPlaidWriter(ChunkWriter):
         self.keep_raw = (src.root / "embeddings.npy").is_file()
         self.raw_docs: list[np.ndarray] = []
         self.closed = False
-        for name in _GLOBAL_COPIES:
-            if (src.root / name).is_file():
-                copy_file_atomic(src.root / name, self.root / name)
+        # Codec files, plan.json, cluster_threshold.npy, metadata.db, ... and PyLate's id maps stay valid because
+        # documents stay in place: copied byte for byte, never parsed.
+        for f in sorted(src.root.iterdir()):
+            if f.is_file() and not f.is_symlink() and f.name not in _NOT_COPIED and not _CHUNK_FILE.match(f.name) \
+                    and not f.name.startswith(("merged_", ".")):
+                copy_file_atomic(f, self.root / f.name)
         if self.root != dst:
-            for name in PYLATE_ID_MAPS:
-                if (src.path / name).is_file():
-                    copy_file_atomic(src.path / name, dst / name)
+            for f in sorted(src.path.iterdir()):
+                if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
+                    copy_file_atomic(f, dst / f.name)
 
     def write(self, chunk: Chunk) -> None:
         """Encode one reduced chunk with the source codec; write codes, residuals, doclens, chunk metadata."""

@@ -13,7 +13,9 @@ compression of Santhanam et al., "ColBERTv2", NAACL 2022)::
     doclens.{i}.json     vectors per document of chunk i
     {i}.metadata.json    {passage_offset, num_passages, num_embeddings, embedding_offset}
     ivf.pid.pt           (document ids per centroid, concatenated (int32), lengths [P])
+                         (older colbert-ai indexes: ivf.pt, vector ids per centroid; read, and replaced by ivf.pid.pt)
     documents_ids_to_plaid_ids.pkl, plaid_ids_to_documents_ids.pkl    PyLate's id maps (optional)
+    any other file       e.g. RAGatouille's pid_docid_map.json: copied byte for byte
 
 Reading decodes every vector with the index's own codec, ``normalize(centroid[code] + bucket_weights[bucket])``;
 writing re-encodes the reduced vectors with the *same* centroids and buckets (nearest centroid by dot product,
@@ -62,6 +64,7 @@ from .base import (
 __all__ = ["PlaidFormat", "PlaidWriter", "ResidualCodec", "restricted_pickle_load", "restricted_pickle_loads"]
 
 PYLATE_ID_MAPS = ("documents_ids_to_plaid_ids.pkl", "plaid_ids_to_documents_ids.pkl")
+_REGENERATED = {"metadata.json", "ivf.pid.pt", "ivf.pt"}
 _CHUNK_FILE = re.compile(r"^(?:doclens\.(\d+)\.json|(\d+)\.(?:codes|residuals)\.pt|(\d+)\.metadata\.json)$")
 
 
@@ -482,18 +485,27 @@ class PlaidFormat(IndexFormat):
         # colbert-ai's IndexUpdater leaves a wrong global num_embeddings after removals (PyLate 1.6.0: about twice
         # the true count); the chunks, each checked against its codes above, are the truth and the writer fixes it.
 
-        ivf_obj = load_tensor_file(p / "ivf.pid.pt", "inverted file (document ids per centroid)")
+        # ivf.pid.pt lists documents per centroid; older colbert-ai indexes only have ivf.pt, which lists vectors
+        # (colbert-ai's loader converts it on load; the writer writes ivf.pid.pt).
+        by_vector = not (p / "ivf.pid.pt").is_file() and (p / "ivf.pt").is_file()
+        ivf_path = p / ("ivf.pt" if by_vector else "ivf.pid.pt")
+        ivf_obj = load_tensor_file(ivf_path, "inverted file (ids per centroid)")
         if not isinstance(ivf_obj, (tuple, list)) or len(ivf_obj) != 2 or \
                 not all(isinstance(t, torch.Tensor) for t in ivf_obj):
-            raise IndexFormatError(f"{p / 'ivf.pid.pt'}: expected a pair of tensors (ivf, ivf_lengths)")
+            raise IndexFormatError(f"{ivf_path}: expected a pair of tensors (ivf, ivf_lengths)")
         ivf, lengths = ivf_obj
         if lengths.numel() != partitions or int(lengths.sum()) > ivf.numel() or (lengths.numel() and
                                                                                  int(lengths.min()) < 0):
-            raise IndexFormatError(f"{p / 'ivf.pid.pt'}: {lengths.numel()} list lengths summing to "
+            raise IndexFormatError(f"{ivf_path}: {lengths.numel()} list lengths summing to "
                                    f"{int(lengths.sum())} for {ivf.numel()} entries and {partitions} centroids")
         listed = ivf[: int(lengths.sum())].to(torch.int64)
-        if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= doc_off):
-            raise IndexFormatError(f"{p / 'ivf.pid.pt'}: document ids outside [0, {doc_off})")
+        bound = emb_off if by_vector else doc_off
+        if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= bound):
+            raise IndexFormatError(f"{ivf_path}: ids outside [0, {bound})")
+        if by_vector:
+            stored = np.concatenate(all_doclens) if all_doclens else np.zeros(0, np.int64)
+            emb2pid = np.repeat(np.arange(doc_off), stored)
+            listed = torch.from_numpy(emb2pid[listed.numpy()])
         live = np.zeros(doc_off, dtype=bool)
         live[listed.numpy()] = True
         return cls(p, meta, codec, all_doclens, chunk_meta, live)
@@ -542,9 +554,12 @@ class PlaidWriter(ChunkWriter):
         self.emb_offset = 0
         self.ivf_keys: list[torch.Tensor] = []
         self.closed = False
-        for name in ("centroids.pt", "buckets.pt", "avg_residual.pt", "plan.json", *PYLATE_ID_MAPS):
-            if (src.path / name).is_file():
-                copy_file_atomic(src.path / name, dst / name)
+        # Every other file (codec, plan, PyLate's id maps, RAGatouille's pid_docid_map.json / collection, ...) stays
+        # valid because documents stay in place: copied byte for byte, never parsed.
+        for f in sorted(src.path.iterdir()):
+            if f.is_file() and not f.is_symlink() and f.name not in _REGENERATED and not _CHUNK_FILE.match(f.name) \
+                    and not f.name.startswith("."):
+                copy_file_atomic(f, dst / f.name)
 
     def write(self, chunk: Chunk) -> None:
         """Encode one reduced chunk with the source codec and write its codes, residuals, doclens, metadata."""
