@@ -432,3 +432,16 @@ def test_writer_rejects_bad_chunks(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "d")) == sorted(
         ["0.codes.pt", "0.residuals.pt", "0.metadata.json", "doclens.0.json", "centroids.pt", "buckets.pt",
          "avg_residual.pt", "plan.json", "documents_ids_to_plaid_ids.pkl", "plaid_ids_to_documents_ids.pkl"])
+
+
+def test_codec_batching_does_not_change_results() -> None:
+    codec = PlaidFormat.open(SRC).codec
+    codes = torch.load(SRC / "1.codes.pt", weights_only=True)
+    res = torch.load(SRC / "1.residuals.pt", weights_only=True)
+    full = codec.decode(codes, res)
+    torch.testing.assert_close(codec.decode(codes, res, batch=97), full, atol=0, rtol=0)
+    c1, r1 = codec.encode(full)
+    c2, r2 = codec.encode(full, batch=61)
+    assert torch.equal(c1, c2) and torch.equal(r1, r2)
+    c0, r0 = codec.encode(torch.zeros(0, 128))
+    assert c0.shape == (0,) and r0.shape == (0, 32)

@@ -108,7 +108,14 @@ class ResidualCodec:
         """Bytes per vector in the packed residuals, ``dim * nbits / 8``."""
         return self.dim * self.nbits // 8
 
-    def decode(self, codes: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    def _byte_table(self) -> torch.Tensor:
+        """int64 ``[256, 8 / nbits]``: the bucket indices of the dimensions one packed byte holds."""
+        byte = torch.arange(256, dtype=torch.int64).unsqueeze(1)
+        bits = (byte >> torch.arange(7, -1, -1)) & 1  # [256, 8], most significant bit first
+        per = bits.reshape(256, 8 // self.nbits, self.nbits)
+        return (per * (1 << torch.arange(self.nbits))).sum(-1)  # least significant bit first within a dimension
+
+    def decode(self, codes: torch.Tensor, residuals: torch.Tensor, batch: int = 1 << 16) -> torch.Tensor:
         """Reconstruct float32 unit vectors from centroid ids and packed residuals (ColBERTv2 decompression).
 
         Parameters
@@ -117,6 +124,8 @@ class ResidualCodec:
             Integer ``[n]`` centroid ids.
         residuals : torch.Tensor
             uint8 ``[n, dim * nbits / 8]``.
+        batch : int
+            Vectors decoded at a time (bounds the temporaries to ``batch * dim`` int64).
 
         Returns
         -------
@@ -124,13 +133,14 @@ class ResidualCodec:
             float32 ``[n, dim]``, L2-normalised.
         """
         n = int(codes.shape[0])
-        shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
-        bits = (residuals.unsqueeze(-1) >> shifts) & 1  # [n, packed_dim, 8], most significant bit first
-        bits = bits.reshape(n, self.dim, self.nbits).to(torch.int64)
-        weights = torch.pow(2, torch.arange(self.nbits, dtype=torch.int64))  # least significant bit first
-        buckets = (bits * weights).sum(-1)  # [n, dim]
-        x = self.centroids[codes.long()] + self.bucket_weights[buckets]
-        return torch.nn.functional.normalize(x, p=2.0, dim=-1)
+        table = self._byte_table()
+        out = torch.empty(n, self.dim, dtype=torch.float32)
+        for a in range(0, n, batch):
+            b = min(n, a + batch)
+            buckets = table[residuals[a:b].long()].reshape(b - a, self.dim)
+            x = self.centroids[codes[a:b].long()] + self.bucket_weights[buckets]
+            out[a:b] = torch.nn.functional.normalize(x, p=2.0, dim=-1)
+        return out
 
     def encode(self, vectors: torch.Tensor, batch: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress vectors: nearest centroid by dot product, bucketised and bit-packed residuals (ColBERTv2).
@@ -140,7 +150,7 @@ class ResidualCodec:
         vectors : torch.Tensor
             float ``[n, dim]``; they are L2-normalised first (the codec stores directions; decoding normalises).
         batch : int
-            Vectors per centroid-scoring batch (bounds the ``[batch, P]`` score matrix).
+            Vectors per batch (bounds the ``[batch, P]`` score matrix and the bit temporaries).
 
         Returns
         -------
@@ -149,16 +159,20 @@ class ResidualCodec:
         residuals : torch.Tensor
             uint8 ``[n, dim * nbits / 8]``.
         """
-        x = torch.nn.functional.normalize(vectors.to(torch.float32), p=2.0, dim=-1)
-        n = int(x.shape[0])
+        n = int(vectors.shape[0])
         step = max(1, min(batch, (1 << 24) // max(1, int(self.centroids.shape[0]))))
-        codes = torch.cat([(xb @ self.centroids.T).argmax(dim=1) for xb in x.split(step)]) if n else \
-            torch.zeros(0, dtype=torch.int64)
-        buckets = torch.bucketize(x - self.centroids[codes], self.bucket_cutoffs).to(torch.uint8)  # [n, dim]
-        bits = (buckets.unsqueeze(-1) >> torch.arange(self.nbits, dtype=torch.uint8)) & 1  # [n, dim, nbits]
-        bits = bits.reshape(n, self.packed_dim, 8)
-        place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
-        packed = (bits.to(torch.int32) * place).sum(-1).to(torch.uint8)
+        codes = torch.empty(n, dtype=torch.int64)
+        packed = torch.empty(n, self.packed_dim, dtype=torch.uint8)
+        shifts = torch.arange(self.nbits, dtype=torch.uint8)
+        place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            x = torch.nn.functional.normalize(vectors[a:b].to(torch.float32), p=2.0, dim=-1)
+            c = (x @ self.centroids.T).argmax(dim=1)
+            buckets = torch.bucketize(x - self.centroids[c], self.bucket_cutoffs).to(torch.uint8)  # [m, dim]
+            bits = ((buckets.unsqueeze(-1) >> shifts) & 1).reshape(b - a, self.packed_dim, 8)  # LSB first per dim
+            codes[a:b] = c
+            packed[a:b] = (bits * place).sum(-1, dtype=torch.uint8)  # most significant bit first per byte
         return codes, packed
 
 
