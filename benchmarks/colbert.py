@@ -51,7 +51,7 @@ IMG = ROOT / "docs" / "img"
 PYLATE_PY = ROOT / ".venv-pylate" / "bin" / "python"
 POOLING = ("ward", "ward_cosine", "kmeans", "sequential")
 PRUNING = ("first", "norm", "duplicates", "diversity", "centroid", "idf", "stopwords")
-GLOBAL = ("idf", "stopwords", "duplicates")
+GLOBAL = ("idf", "duplicates")
 LEVELS = ((2.0, 0.5), (3.0, 1 / 3), (4.0, 0.25))
 
 
@@ -90,29 +90,41 @@ def retention_part(data: BeirData, q: list[torch.Tensor], flat: torch.Tensor, le
     for m in POOLING:
         for f, _ in LEVELS:
             runs.append((m, ReduceSpec(m, factor=f, protected=1), f"factor {f:g}"))
-    for m in PRUNING:
-        for r in (0.7, *(x for _, x in LEVELS)):
+    for r in (0.7, *(x for _, x in LEVELS)):  # most important first: pruning 30 % is a target
+        for m in PRUNING:
             runs.append((m, ReduceSpec(m, ratio=r, protected=1), f"ratio {r:.2f}"))
-    for m in GLOBAL:
-        for r in (0.7, *(x for _, x in LEVELS)):
+    for r in (0.7, 0.5):
+        for m in GLOBAL:
             runs.append((f"{m} (global)", ReduceSpec(m, ratio=r, protected=1, scope="global"), f"ratio {r:.2f}"))
+    # rows already measured by an interrupted run of this same command are reused (delete the file to start over)
+    done_file = RESULTS / "colbert_retention_rows.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if done_file.exists():
+        for line in done_file.read_text().splitlines():
+            row = json.loads(line)
+            done[f"{row['method']}|{row['budget']}"] = row
     for i, (label, spec, budget) in enumerate(runs):
-        dst = work / f"dst{i}"
-        t0 = time.perf_counter()
-        res = compress(src, dst, spec, texts=data.doc_texts, tokenizer=tok, max_length=maxlen)
-        sec = time.perf_counter() - t0
-        ev = evaluate_index(open_index(dst), data, q)
-        kept = res.dst.n_vectors / res.src.n_vectors
-        rep.add(method=label, budget=budget, kept=kept, **{"nDCG@10": ev.ndcg10, "retention": ev.ndcg10 / base.ndcg10,
-                "recall@100": ev.recall100, "MRR@10": ev.mrr10, "compress_s": sec})
-        xs, ys = curves.setdefault(label, ([], []))
-        xs.append(kept)
-        ys.append(ev.ndcg10 / base.ndcg10)
-        print(f"{label:22s} {budget:12s} kept {kept:.3f} nDCG@10 {ev.ndcg10:.4f} ({ev.ndcg10 / base.ndcg10:.2%})",
-              flush=True)
-        import shutil
+        row = done.get(f"{label}|{budget}")
+        if row is None:
+            dst = work / f"dst{i}"
+            t0 = time.perf_counter()
+            res = compress(src, dst, spec, texts=data.doc_texts, tokenizer=tok, max_length=maxlen)
+            sec = time.perf_counter() - t0
+            ev = evaluate_index(open_index(dst), data, q)
+            row = {"method": label, "budget": budget, "kept": res.dst.n_vectors / res.src.n_vectors,
+                   "nDCG@10": ev.ndcg10, "retention": ev.ndcg10 / base.ndcg10, "recall@100": ev.recall100,
+                   "MRR@10": ev.mrr10, "compress_s": sec}
+            with open(done_file, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            import shutil
 
-        shutil.rmtree(dst)
+            shutil.rmtree(dst)
+        rep.add(**row)
+        xs, ys = curves.setdefault(label, ([], []))
+        xs.append(row["kept"])
+        ys.append(row["retention"])
+        print(f"{time.strftime('%H:%M:%S')} {label:22s} {budget:12s} kept {row['kept']:.3f} "
+              f"nDCG@10 {row['nDCG@10']:.4f} ({row['retention']:.2%}) compress {row['compress_s']:.1f} s", flush=True)
     rep.notes.append(f"Cranfield, {len(data.doc_ids)} documents, {len(data.query_ids)} judged queries, "
                      f"{int(lens.sum()):,} all-MiniLM-L6-v2 token vectors (L2-normalised, [CLS] protected); "
                      "exact MaxSim; retention = nDCG@10 after / before.")

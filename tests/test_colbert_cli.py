@@ -137,3 +137,22 @@ def test_bad_indexes_exit_non_zero(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "doclens sum to 6" in _flat(res.output)
     res = runner.invoke(app, ["colbert", "eval", str(tmp_path / "notes"), "--corpus", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 2
+
+
+def test_demo_section_runs_on_a_small_cranfield_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from unipruner.adapters.colbert import _demo
+
+    data = load_beir(_demo._data_dir())
+    sub = _demo.demo_subset(data, n_queries=5, n_docs=80)
+    judged = {d for q in sub.query_ids for d, g in sub.qrels[q].items() if g > 0}
+    assert len(sub.doc_ids) == 80 and judged <= set(sub.doc_ids) and sub.query_ids == data.query_ids[:5]
+    small = _demo.demo_subset(data, n_queries=3, n_docs=12)
+    orig = _demo.demo_subset
+    monkeypatch.setattr(_demo, "demo_subset", lambda d: orig(d, 3, 12))
+    console = Console(record=True, width=160)
+    _demo.demo_section(console, 0.5)
+    text = console.export_text()
+    for needle in ("ward pool factor 2", "idf pruning, keep 50%", "nDCG@10", f"{len(small.doc_ids)} documents"):
+        assert needle in text
