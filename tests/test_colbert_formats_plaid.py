@@ -445,3 +445,13 @@ def test_codec_batching_does_not_change_results() -> None:
     assert torch.equal(c1, c2) and torch.equal(r1, r2)
     c0, r0 = codec.encode(torch.zeros(0, 128))
     assert c0.shape == (0,) and r0.shape == (0, 32)
+
+
+def test_legacy_torch_serialization_is_read(tmp_path: Path) -> None:
+    src = _copy(tmp_path)
+    for name in ("0.residuals.pt", "0.codes.pt"):
+        t = torch.load(src / name, weights_only=True)
+        torch.save(t, src / name, _use_new_zipfile_serialization=False)  # pre-1.6 torch format: no mmap
+    a = next(PlaidFormat.open(src).chunks()).vectors
+    b = next(PlaidFormat.open(SRC).chunks()).vectors
+    assert torch.equal(a, b)

@@ -243,7 +243,13 @@ def load_tensor_file(path: Path, what: str, mmap: bool = False) -> Any:
     if not path.is_file():
         raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # mmap needs torch's zip serialization; a legacy-format file is read whole instead.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
         raise IndexFormatError(f"{path}: cannot be read as a tensor file ({what}): {type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}. Expected a plain torch.save'd "
