@@ -380,12 +380,12 @@ def test_pickle_where_a_tensor_was_expected(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     with open(src / "centroids.pt", "wb") as fh:
         pickle.dump(_Boom(str(marker)), fh)
-    with pytest.raises(IndexFormatError, match=r"centroids\.pt: cannot be read as a tensor file"):
+    with pytest.raises(IndexFormatError, match=r"centroids\.pt: (holds pickled objects|cannot be read)"):
         PlaidFormat.open(src)
     assert not marker.exists()
     # Same through torch.save of a non-tensor object.
     torch.save({"x": _Boom(str(marker))}, src / "centroids.pt")
-    with pytest.raises(IndexFormatError, match="weights_only"):
+    with pytest.raises(IndexFormatError, match="holds pickled objects where a plain tensor was expected"):
         PlaidFormat.open(src)
     assert not marker.exists()
 

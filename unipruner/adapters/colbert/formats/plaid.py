@@ -250,10 +250,15 @@ def load_tensor_file(path: Path, what: str, mmap: bool = False) -> Any:
                 raise
             # mmap needs torch's zip serialization; a legacy-format file is read whole instead.
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        raise IndexFormatError(f"{path}: cannot be read as a tensor file ({what}): {type(err).__name__}: "
-                               f"{str(err).splitlines()[0] if str(err) else ''}. Expected a plain torch.save'd "
-                               "tensor; a pickle of other objects is refused (weights_only loading)") from err
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) (\S+)", str(err))
+        raise IndexFormatError(f"{path}: holds pickled objects where a plain tensor was expected ({what})"
+                               f"{f', e.g. {found.group(1)}' if found else ''}; refused (tensors are loaded with "
+                               "torch.load(weights_only=True) only). Rebuild the index from a trusted source") from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... on truncated or corrupt files
+        first = str(err).split(". ")[0].splitlines()[0][:200] if str(err) else type(err).__name__
+        raise IndexFormatError(f"{path}: cannot be read as a tensor file ({what}): truncated or corrupt "
+                               f"({first})") from err
 
 
 def load_json_file(path: Path, what: str) -> Any:
