@@ -251,7 +251,7 @@ def load_tensor_file(path: Path, what: str, mmap: bool = False) -> Any:
             # mmap needs torch's zip serialization; a legacy-format file is read whole instead.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) (\S+)", str(err))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         raise IndexFormatError(f"{path}: holds pickled objects where a plain tensor was expected ({what})"
                                f"{f', e.g. {found.group(1)}' if found else ''}; refused (tensors are loaded with "
                                "torch.load(weights_only=True) only). Rebuild the index from a trusted source") from err
