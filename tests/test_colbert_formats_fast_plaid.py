@@ -89,6 +89,15 @@ def test_detect_and_info() -> None:
     assert FastPlaidFormat.open(SRC / INNER).doc_ids() is None
 
 
+def test_load_caches_are_not_counted(tmp_path: Path) -> None:
+    src = _copy(tmp_path)
+    before = FastPlaidFormat.open(src).info().n_bytes
+    assert before == sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+    (src / INNER / "merged_codes.npy").write_bytes(b"0" * 5000)  # what fast-plaid leaves after a search
+    info = FastPlaidFormat.open(src).info()
+    assert info.n_bytes == before and info.details["cache_bytes_not_counted"] == 5000
+
+
 def test_chunks_decode_like_naive_decoder() -> None:
     fmt = FastPlaidFormat.open(SRC)
     chunks = list(fmt.chunks())

@@ -237,10 +237,14 @@ class FastPlaidFormat(IndexFormat):
     def info(self) -> IndexInfo:
         """Summary: documents, vectors, dim, bytes on disk, doclens, chunks, codec details."""
         doclens = np.concatenate(self.chunk_doclens) if self.chunk_doclens else np.zeros(0, np.int64)
+        # merged_*.npy are caches fast-plaid rebuilds on load (about the size of the chunks again): not counted.
+        cache = sum(f.stat().st_size for f in self.root.glob("merged_*") if f.is_file())
         return IndexInfo(
             format=self.name, path=self.path, n_docs=int(doclens.size), n_vectors=int(doclens.sum()),
-            dim=self.codec.dim, n_bytes=dir_bytes(self.path), doclens=doclens, n_chunks=len(self.chunk_doclens),
+            dim=self.codec.dim, n_bytes=dir_bytes(self.path) - cache, doclens=doclens,
+            n_chunks=len(self.chunk_doclens),
             details={"nbits": self.codec.nbits, "num_partitions": int(self.codec.centroids.shape[0]),
+                     "cache_bytes_not_counted": cache,
                      "codec": "fast-plaid residual", "pylate_layout": self.root != self.path,
                      "raw_embeddings_copy": (self.root / "embeddings.npy").is_file(),
                      "metadata_db": (self.root / "metadata.db").is_file()})
