@@ -381,8 +381,9 @@ def _ward_cosine_labels(x: Tensor, mask: Tensor, protected: int, k_rest: Tensor)
     if xr.shape[1] == 0:
         return lab
     u = _unit(xr.float())
-    dist = (1.0 - torch.bmm(u, u.transpose(1, 2))).clamp_(min=0.0).square_()
-    dist = torch.minimum(dist, dist.transpose(1, 2))  # exactly symmetric, as the merge loop compares by value
+    dist = torch.bmm(u, u.transpose(1, 2)).neg_().add_(1.0).clamp_(min=0.0).square_()  # (1 - cos)^2, in place
+    if not bool(torch.equal(dist, dist.transpose(1, 2))):  # the merge loop compares a row with a column by value
+        dist = torch.minimum(dist, dist.transpose(1, 2))
     dist.masked_fill_(~mr.unsqueeze(1), math.inf)
     dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
     steps = (nr - torch.minimum(k_rest.clamp(min=1), nr)).clamp(min=0)
