@@ -1,0 +1,500 @@
+"""Unit scorers for RAG context pruning: embedding, focal attention, self-information, BM25.
+
+A scorer maps ``(query, texts, spans)`` to one score per unit (higher = keep), where
+``spans[d]`` are the character spans of document ``d``'s units (see :func:`unit_spans`). The
+formulas come from the core: :func:`unipruner.scorers.importance.query_similarity` (embedding),
+:func:`~unipruner.scorers.importance.window_attention` +
+:func:`~unipruner.scorers.importance.query_attention` (focal attention),
+:func:`~unipruner.scorers.importance.idf_table` / :func:`~unipruner.scorers.importance.idf`
+(BM25's IDF). Self-information (token surprisal under a causal LM) is not in the core and lives
+here privately. Language-model scores are computed per LM token and aggregated to units by
+character offsets (:func:`aggregate_spans`, vectorised).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ...errors import UniprunerError
+from ...models import load_minilm, load_smollm2, require
+from ...scorers.importance import idf, idf_table, query_attention, query_similarity, window_attention
+
+__all__ = [
+    "BM25Scorer",
+    "EmbeddingScorer",
+    "FocalAttentionScorer",
+    "RandomScorer",
+    "Scorer",
+    "SelfInformationScorer",
+    "aggregate_spans",
+    "make_scorer",
+]
+
+Spans = Sequence[Sequence[tuple[int, int]]]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What :class:`~unipruner.adapters.rag.ContextPruner` needs from a scorer."""
+
+    name: str
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """One float tensor ``[n_units_d]`` per document (higher = keep)."""
+        ...
+
+
+def aggregate_spans(token_scores: Tensor, token_spans: Tensor, unit_spans: Tensor,
+                    reduce: str = "mean") -> Tensor:
+    """Aggregate per-token scores into per-unit scores by character overlap (vectorised).
+
+    A token belongs to the unit that contains its first character; units that received no token
+    get the minimum of the valid unit scores (so they are pruned first).
+
+    Parameters
+    ----------
+    token_scores : Tensor ``[T]``
+    token_spans : LongTensor ``[T, 2]``
+        Character ``(start, end)`` of each token (empty spans are ignored).
+    unit_spans : LongTensor ``[U, 2]``
+        Sorted, non-overlapping unit spans.
+    reduce : {"mean", "max", "sum"}
+
+    Returns
+    -------
+    Tensor ``[U]`` float32
+
+    Examples
+    --------
+    >>> aggregate_spans(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([[0, 2], [3, 4], [6, 8]]),
+    ...                 torch.tensor([[0, 5], [5, 9]]))
+    tensor([2., 5.])
+    """
+    if reduce not in ("mean", "max", "sum"):
+        raise UniprunerError(f"reduce must be 'mean', 'max' or 'sum', got {reduce!r}")
+    n_units = unit_spans.shape[0]
+    ok = token_spans[:, 1] > token_spans[:, 0]
+    starts = token_spans[:, 0]
+    unit = torch.searchsorted(unit_spans[:, 0].contiguous(), starts.contiguous(), right=True) - 1
+    ok = ok & (unit >= 0) & (starts < unit_spans[unit.clamp(min=0), 1])
+    unit, vals = unit[ok], token_scores[ok].float()
+    out = torch.zeros(n_units, dtype=torch.float32)
+    count = torch.zeros(n_units, dtype=torch.float32).index_add_(0, unit, torch.ones_like(vals))
+    if reduce == "max":
+        out = out.fill_(-math.inf).scatter_reduce(0, unit, vals, reduce="amax", include_self=True)
+    else:
+        out = out.index_add_(0, unit, vals)
+        if reduce == "mean":
+            out = out / count.clamp(min=1)
+    has = count > 0
+    if bool(has.any()):
+        out = torch.where(has, out, out[has].min())
+    else:
+        out = torch.zeros(n_units)
+    return out
+
+
+def _check_texts(query: str, texts: Sequence[str], spans: Spans) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise UniprunerError("the query must be a non-empty string")
+    if len(texts) != len(spans):
+        raise UniprunerError(f"{len(texts)} texts but {len(spans)} span lists")
+
+
+def _span_tensor(spans: Sequence[tuple[int, int]], offset: int = 0) -> Tensor:
+    return torch.tensor(list(spans), dtype=torch.long).reshape(-1, 2) + offset
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+@lru_cache(maxsize=2)
+def _shared_minilm(device: str) -> Any:
+    return load_minilm(device)
+
+
+@lru_cache(maxsize=2)
+def _shared_smollm2() -> tuple[Any, Any]:
+    return load_smollm2()
+
+
+@dataclass
+class EmbeddingScorer:
+    """Cosine similarity of each unit to the query under a sentence-transformers model.
+
+    The query-similarity scorer of RAG context pruning / Recoverable Compression (Chen et al.,
+    2024), computed by :func:`unipruner.scorers.importance.query_similarity`. Sentences and
+    chunks are embedded whole (mean pooling, as the model was trained); words
+    (``granularity="token"``) are scored by their best word-piece's contextual embedding,
+    computed sentence by sentence.
+
+    Parameters
+    ----------
+    model : SentenceTransformer, optional
+        Default: the packaged all-MiniLM-L6-v2 (``unipruner.models.load_minilm``), loaded once
+        per process and shared.
+    batch_size : int
+    device : str
+
+    Examples
+    --------
+    >>> s = EmbeddingScorer()
+    >>> t = "Paris is the capital of France. Bananas are yellow."
+    >>> sc = s.score("What is the capital of France?", [t], [[(0, 31), (31, len(t))]])
+    >>> bool(sc[0][0] > sc[0][1])
+    True
+    """
+
+    model: Any = None
+    batch_size: int = 64
+    device: str = "cpu"
+    name: str = "embedding"
+    whole_documents: bool = True
+    token_level: bool = field(default=False, repr=False)
+
+    def _model(self) -> Any:
+        if self.model is None:
+            self.model = _shared_minilm(self.device)
+        return self.model
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Sentence embeddings ``[len(texts), D]`` (float32, not normalised)."""
+        model = self._model()
+        with torch.inference_mode():
+            emb = model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                               show_progress_bar=False)
+        return emb.float().cpu()
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """Cosine to the query per unit; see the class docstring."""
+        _check_texts(query, texts, spans)
+        units = [texts[d][s:e].strip() or texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+        if not units:
+            return [torch.zeros(0) for _ in texts]
+        is_words = all(len(u.split()) <= 1 for u in units) and len(units) > len(texts)
+        if self.token_level or is_words:
+            return self._score_words(query, texts, spans)
+        emb = self.embed([query, *units])
+        sims = query_similarity(emb[None, 1:], emb[None, :1])[0]
+        return list(torch.split(sims, [len(s) for s in spans]))
+
+    def _score_words(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        from ._split import unit_spans
+
+        model = self._model()
+        tok = model.tokenizer
+        q = self.embed([query])
+        out: list[Tensor] = []
+        for d, text in enumerate(texts):  # one encode call per document (sentences batched)
+            sent = unit_spans(text, "sentence")
+            pieces = [text[s:e] for s, e in sent]
+            enc = tok(pieces, return_offsets_mapping=True, truncation=True,
+                      max_length=model.max_seq_length)
+            with torch.inference_mode():
+                tok_emb = model.encode(pieces, output_value="token_embeddings", batch_size=self.batch_size,
+                                       show_progress_bar=False)
+            embs, offs = [], []
+            for j, (s, _e) in enumerate(sent):
+                off = torch.tensor(enc["offset_mapping"][j], dtype=torch.long).reshape(-1, 2)
+                e_j = torch.as_tensor(tok_emb[j]).float()[: off.shape[0]]
+                embs.append(e_j)
+                offs.append(torch.where(off[:, 1:] > off[:, :1], off + s, torch.zeros_like(off)))
+            all_emb, all_off = torch.cat(embs), torch.cat(offs)
+            sims = query_similarity(all_emb[None], q)[0]
+            out.append(aggregate_spans(sims, all_off, _span_tensor(spans[d]), reduce="max"))
+        return out
+
+
+# ----------------------------------------------------------------------------- BM25
+
+
+_TERM = re.compile(r"\w+")
+
+
+@dataclass
+class BM25Scorer:
+    """Okapi BM25 of each unit against the query, the units of one query being the collection.
+
+    Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond", Foundations
+    and Trends in IR, 2009. IDF comes from :func:`unipruner.scorers.importance.idf_table` /
+    :func:`~unipruner.scorers.importance.idf` over the units. For single-word units
+    (``granularity="token"``) the collection is the sentences and a word scores its IDF,
+    multiplied by ``1 + k1`` when it occurs in the query.
+
+    Examples
+    --------
+    >>> t = "Paris is the capital of France. Bananas are yellow."
+    >>> BM25Scorer().score("capital of France", [t], [[(0, 31), (31, len(t))]])[0].argmax().item()
+    0
+    """
+
+    k1: float = 1.5
+    b: float = 0.75
+    name: str = "bm25"
+    whole_documents: bool = True
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """BM25 per unit; see the class docstring."""
+        _check_texts(query, texts, spans)
+        units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+        vocab: dict[str, int] = {}
+        q_terms = sorted({vocab.setdefault(t, len(vocab)) for t in _TERM.findall(query.lower())})
+        docs = [[vocab.setdefault(t, len(vocab)) for t in _TERM.findall(u.lower())] for u in units]
+        is_words = all(len(d) <= 1 for d in docs) and len(units) > len(texts)
+        if is_words:
+            from ._split import unit_spans
+
+            sents = [text[s:e] for text in texts for s, e in unit_spans(text, "sentence")]
+            coll = [[vocab.setdefault(t, len(vocab)) for t in _TERM.findall(u.lower())] for u in sents]
+            df, n = idf_table(coll, max(len(vocab), 1))
+            ids = torch.tensor([d[0] if d else 0 for d in docs], dtype=torch.long)
+            w = idf(ids[None], df, n)[0]
+            inq = torch.isin(ids, torch.tensor(q_terms, dtype=torch.long))
+            has = torch.tensor([bool(d) for d in docs])
+            scores = torch.where(has, w * (1.0 + self.k1 * inq.float()), torch.zeros_like(w))
+            return list(torch.split(scores, [len(s) for s in spans]))
+        v = max(len(vocab), 1)
+        df, n = idf_table(docs, v)
+        lengths = torch.tensor([len(d) for d in docs], dtype=torch.float32)
+        flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(len(docs)), lengths.long())
+        qt = torch.tensor(q_terms, dtype=torch.long)
+        tf = torch.zeros(len(docs), len(q_terms))
+        if qt.numel() and flat.numel():
+            hit = flat[:, None] == qt[None, :]  # [tokens, query terms]
+            tf = tf.index_add_(0, row, hit.float())
+        w = idf(qt[None], df, n)[0] if qt.numel() else torch.zeros(0)
+        avg = lengths.mean().clamp(min=1e-9)
+        denom = tf + self.k1 * (1 - self.b + self.b * lengths[:, None] / avg)
+        scores = (w[None, :] * tf * (self.k1 + 1) / denom.clamp(min=1e-9)).sum(dim=1)
+        return list(torch.split(scores, [len(s) for s in spans]))
+
+
+@dataclass
+class RandomScorer:
+    """Uniform random unit scores (the baseline every scorer must beat), seeded."""
+
+    seed: int = 0
+    name: str = "random"
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """Random scores, reproducible for a given seed and call order."""
+        _check_texts(query, texts, spans)
+        from ...scorers.importance import random_scores
+
+        g = torch.Generator().manual_seed(self.seed)
+        total = sum(len(s) for s in spans)
+        sc = random_scores(1, max(total, 1), generator=g)[0, :total]
+        return list(torch.split(sc, [len(s) for s in spans]))
+
+
+# ----------------------------------------------------------------------------- causal LM
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the forward pass after the last layer that is needed."""
+
+
+def _lm_prompt(tok: Any, pieces: Sequence[tuple[str, int | None]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokenise prompt pieces; returns ids ``[1, T]``, char spans ``[T, 2]`` in document
+    coordinates and the document index of each token (``-1`` outside documents)."""
+    text = "".join(p for p, _ in pieces)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)[None]
+    off = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    starts, docs, pos = [], [], 0
+    for p, d in pieces:
+        starts.append(pos)
+        docs.append(-1 if d is None else d)
+        pos += len(p)
+    bounds = torch.tensor(starts, dtype=torch.long)
+    piece = torch.searchsorted(bounds, off[:, 0].contiguous(), right=True) - 1
+    doc = torch.tensor(docs, dtype=torch.long)[piece]
+    local = off - bounds[piece][:, None]
+    return ids, local, doc
+
+
+def _per_document(token_scores: Tensor, local: Tensor, doc: Tensor, spans: Spans, reduce: str) -> list[Tensor]:
+    out = []
+    for d in range(len(spans)):  # one vectorised aggregation per document
+        sel = doc == d
+        out.append(aggregate_spans(token_scores[sel], local[sel], _span_tensor(spans[d]), reduce))
+    return out
+
+
+def _context_pieces(texts: Sequence[str], sep: str) -> list[tuple[str, int | None]]:
+    pieces: list[tuple[str, int | None]] = []
+    for d, t in enumerate(texts):
+        if d:
+            pieces.append((sep, None))
+        pieces.append((t, d))
+    return pieces
+
+
+@dataclass
+class _LMBase:
+    model: Any = None
+    tokenizer: Any = None
+    max_tokens: int = 4096
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def _lm(self) -> tuple[Any, Any]:
+        if self.model is None or self.tokenizer is None:
+            require("transformers", "llm")
+            self.model, self.tokenizer = _shared_smollm2()
+        return self.model, self.tokenizer
+
+    def _check_len(self, ids: Tensor) -> None:
+        if ids.shape[1] > self.max_tokens:
+            raise UniprunerError(
+                f"the prompt has {ids.shape[1]} tokens, more than max_tokens={self.max_tokens}; "
+                "prune fewer documents at once or raise max_tokens"
+            )
+
+
+@dataclass
+class FocalAttentionScorer(_LMBase):
+    """Attention from the focal token (end of "question + answer prefix") to each context token.
+
+    AttentionRAG (Fang et al., "AttentionRAG: Attention-Guided Context Pruning in
+    Retrieval-Augmented Generation", 2025): the prompt is context, question and an answer
+    prefix; the last token's attention to the context, averaged over heads
+    (:func:`unipruner.scorers.importance.query_attention`) and over ``layers``, scores each
+    context token; a unit scores the mean of its tokens. Only the focal token's row is computed,
+    from the layers' post-RoPE queries and keys captured by forward pre-hooks
+    (:func:`~unipruner.scorers.importance.window_attention`), so the model keeps running SDPA,
+    and the forward pass stops after the last layer used.
+
+    Parameters
+    ----------
+    model, tokenizer : optional
+        A Hugging Face Llama-family causal LM; default SmolLM2-135M-Instruct (offline package).
+    layers : sequence of int, optional
+        Decoder layers to average; default the middle third.
+    answer_prefix : str
+    """
+
+    layers: Sequence[int] | None = None
+    answer_prefix: str = "Answer:"
+    name: str = "focal_attention"
+
+    def _layer_ids(self, n_layers: int) -> list[int]:
+        if self.layers is None:
+            return list(range(n_layers // 3, 2 * n_layers // 3))
+        ids = sorted({int(i) for i in self.layers})
+        if not ids or ids[0] < 0 or ids[-1] >= n_layers:
+            raise UniprunerError(f"layers must be a non-empty list of indices in [0, {n_layers}), got {self.layers}")
+        return ids
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """Focal-token attention per unit; see the class docstring."""
+        _check_texts(query, texts, spans)
+        model, tok = self._lm()
+        pieces = [("Context:\n", None), *_context_pieces(texts, "\n\n"),
+                  (f"\n\nQuestion: {query.strip()}\n{self.answer_prefix}", None)]
+        ids, local, doc = _lm_prompt(tok, pieces)
+        self._check_len(ids)
+        tok_scores = self._focal(model, ids)
+        return _per_document(tok_scores, local, doc, spans, "mean")
+
+    def _focal(self, model: Any, ids: Tensor) -> Tensor:
+        llama = require("transformers.models.llama.modeling_llama", "llm")
+        layers = model.model.layers
+        wanted = self._layer_ids(len(layers))
+        rows: list[Tensor] = []
+        last = wanted[-1]
+
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h: Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            b, n, _ = h.shape
+            hd = module.head_dim
+            q = module.q_proj(h[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)
+            k = module.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
+            q, _ = llama.apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+            k, _ = llama.apply_rotary_pos_emb(k, k, cos, sin)
+            attn = window_attention(q, k, scale=float(module.scaling))  # [B, H, 1, N]
+            rows.append(query_attention(attn)[0])
+            if module.layer_idx == last:
+                raise _Stop
+
+        handles = [layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True) for i in wanted]
+        try:
+            with self._lock, torch.inference_mode():
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            for hd_ in handles:
+                hd_.remove()
+        return torch.stack(rows).mean(dim=0)
+
+
+@dataclass
+class SelfInformationScorer(_LMBase):
+    """Self-information of each context token under a causal LM, conditioned on the question.
+
+    Selective Context (Li et al., "Compressing Context to Enhance Inference Efficiency of Large
+    Language Models", EMNLP 2023) and LLMLingua (Jiang et al., EMNLP 2023) keep the tokens with
+    the highest surprisal ``-log p(x_i | x_<i)``; LongLLMLingua (Jiang et al., ACL 2024)
+    conditions on the question, which here precedes the context. A unit scores the mean
+    surprisal of its tokens (not in the core: a private, vectorised computation from the logits).
+
+    Parameters
+    ----------
+    model, tokenizer : optional
+        Default SmolLM2-135M-Instruct (offline package).
+    """
+
+    name: str = "self_information"
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """Question-conditioned surprisal per unit; see the class docstring."""
+        _check_texts(query, texts, spans)
+        model, tok = self._lm()
+        pieces = [(f"Question: {query.strip()}\n\nContext:\n", None), *_context_pieces(texts, "\n\n")]
+        ids, local, doc = _lm_prompt(tok, pieces)
+        self._check_len(ids)
+        with self._lock, torch.inference_mode():
+            logits = model(input_ids=ids, use_cache=False).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        surprisal = torch.cat([torch.zeros(1), -logp.gather(1, ids[0, 1:, None])[:, 0]])
+        return _per_document(surprisal, local, doc, spans, "mean")
+
+
+_SCORERS: dict[str, type] = {
+    "embedding": EmbeddingScorer,
+    "focal_attention": FocalAttentionScorer,
+    "self_information": SelfInformationScorer,
+    "bm25": BM25Scorer,
+    "random": RandomScorer,
+}
+
+
+def make_scorer(scorer: str | Scorer) -> Scorer:
+    """A scorer from its name (``embedding``, ``focal_attention``, ``self_information``, ``bm25``,
+    ``random``) or the scorer itself.
+
+    >>> make_scorer("bm25").name
+    'bm25'
+    """
+    if isinstance(scorer, str):
+        if scorer not in _SCORERS:
+            raise UniprunerError(f"unknown scorer {scorer!r}; choose one of {sorted(_SCORERS)} or pass a Scorer")
+        return _SCORERS[scorer]()
+    if not isinstance(scorer, Scorer):
+        raise UniprunerError(
+            "scorer must be a name or an object with .name and .score(query, texts, spans), "
+            f"got {type(scorer).__name__}"
+        )
+    return scorer
