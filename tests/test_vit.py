@@ -248,6 +248,8 @@ def test_schedules_and_live_knob() -> None:
     model = _build("vit")
     p = vit.patch(model, "tome", r=(4, -1.0))
     assert [a - b for a, b in p.tokens_per_layer()] == r_schedule((4, -1.0), 3) == [8, 4, 0]
+    p.r = (4, -1)  # an int inflection means the same
+    assert p.r == (4, -1.0) and [a - b for a, b in p.tokens_per_layer()] == [8, 4, 0]
     p.r = [1, 2, 3]
     assert _out(model).shape[1] == 17 - 6
     p.ratio = 0.5

@@ -522,10 +522,12 @@ def _resolve_method(method: str | Method, params: dict[str, Any], host: Host) ->
 
 def _resolve_spec(kind: str, value: Any, n_layers: int) -> tuple[str, Any]:
     if kind == "r":
-        if isinstance(value, list):
+        if isinstance(value, tuple) and len(value) == 2 and (n_layers != 2 or isinstance(value[1], float)):
+            value = (int(value[0]), float(value[1]))  # (r, inflection), also when written (16, -1)
+        elif isinstance(value, (list, tuple)):
             value = [int(v) for v in value]
         r_schedule(value, n_layers)  # validates
-        return kind, value if not isinstance(value, tuple) or len(value) != 2 else (int(value[0]), float(value[1]))
+        return kind, value
     if kind == "ratio":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
             raise UniprunerError(f"ratio is the fraction of tokens left after the last block, in (0, 1]; got {value!r}")
