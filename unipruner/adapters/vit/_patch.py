@@ -194,7 +194,8 @@ class ViTPatch:
                   **params: Any) -> ViTPatch:
         """Change settings (validated before anything changes); returns ``self``.
 
-        Parameters are those of :func:`patch`; ``None`` keeps the current value.
+        The live knob of ToMe (Bolya et al., ICLR 2023: ``model.r = ...``), per instance. Parameters
+        are those of :func:`patch`; ``None`` keeps the current value.
         """
         new_method = self._method
         if method is not None or params:
@@ -264,7 +265,9 @@ class ViTPatch:
     def tokens_per_layer(self, n0: int | None = None) -> list[tuple[int, int]]:
         """``(tokens in, tokens out)`` of every block for an input of ``n0`` tokens.
 
-        ``n0`` defaults to the model's own image size (prefix tokens + patches).
+        ToMe's schedule arithmetic (Bolya et al., ICLR 2023: ``r`` per block, capped at half of the
+        unprotected tokens for bipartite matching). ``n0`` defaults to the model's own image size
+        (prefix tokens + patches).
         """
         if n0 is None:
             hs, ws = self._host.image_size
@@ -465,8 +468,9 @@ class ViTPatch:
     def unmerge(self, tokens: Tensor) -> Tensor:
         """Spread ``tokens [B, n, C]`` (aligned with the last block's output) over the ``N0`` original tokens.
 
-        Dropped tokens get zeros here (with ``return_unmerged=True`` the model itself fills them
-        with their state at the block that dropped them).
+        ToMe's source-tracking unmerge (Bolya et al., ICLR 2023) for dense outputs. Dropped tokens
+        get zeros here (with ``return_unmerged=True`` the model itself fills them with their state
+        at the block that dropped them).
         """
         if not self._last:
             raise UniprunerError("run the patched model once before unmerging its outputs")
