@@ -366,8 +366,8 @@ def main() -> None:
     methods, ratios = METHODS, RATIOS
     if args.quick:
         lengths, depths, methods, ratios = [384], [0.5], [m for m in METHODS if m[0] in ("snapkv", "knorm")], (0.5,)
-    model, tok = load_smollm2()
     parts = ["passkey", "long", "ppl", "cost", "compare"] if args.part == "all" else [args.part]
+    model, tok = load_smollm2() if set(parts) - {"compare"} else (None, None)
     if "passkey" in parts:
         t0 = time.time()
         rep, prompts = run_passkey(model, tok, lengths, depths, methods, ratios)
@@ -384,7 +384,7 @@ def main() -> None:
         payload = {"ratios": list(ratios), "lengths": lengths, "prompts": [
             {k: p[k] for k in ("length", "depth", "key", "context", "question")} for p in prompts],
             "overlap_context": over["context"], "overlap_ratio": 0.5, "ours": ours,
-            "gguf": str(model_path("smollm2"))}
+            "gguf": str(model_path("smollm2")), "eos_token_id": tok.eos_token_id}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / "kv_prompts.json"
         path.with_suffix(".tmp").write_text(json.dumps(payload))

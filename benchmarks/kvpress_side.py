@@ -51,10 +51,16 @@ def load(gguf: str | None) -> tuple[Any, Any]:
     return model, tok
 
 
-def answer(model: Any, tok: Any, context: str, question: str, press: Any, n_new: int = 8) -> tuple[str, float]:
+def ids_of(tok: Any, text: str) -> torch.Tensor:
+    """Token ids as unipruner's side makes them: transformers 5.2 loads this GGUF's tokenizer as a
+    ``CodeLlamaTokenizer`` that prepends BOS (``<|im_start|>``); 5.24 adds no special token."""
+    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+
+
+def answer(model: Any, tok: Any, context: str, question: str, press: Any, n_new: int = 8,
+           eos: int = 2) -> tuple[str, float]:
     """kvpress protocol: compress the context under ``press``, then question + greedy decode."""
-    ctx = tok(context, return_tensors="pt")["input_ids"]
-    q = tok(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ctx, q = ids_of(tok, context), ids_of(tok, question)
     cache = DynamicCache()
     t0 = time.perf_counter()
     if press is None:
@@ -71,13 +77,13 @@ def answer(model: Any, tok: Any, context: str, question: str, press: Any, n_new:
     for i in range(n_new - 1):
         out = model(input_ids=torch.tensor([[ids[-1]]]), past_key_values=cache, position_ids=nxt + i)
         ids.append(int(out.logits[0, -1].argmax()))
-        if ids[-1] == tok.eos_token_id:
+        if ids[-1] == eos:
             break
     return tok.decode(ids, skip_special_tokens=True).strip(), t_pre
 
 
 def kept_sets(model: Any, tok: Any, context: str, ratio: float) -> dict[str, list[list[list[int]]]]:
-    ids = tok(context, return_tensors="pt")["input_ids"]
+    ids = ids_of(tok, context)
     full = DynamicCache()
     model(input_ids=ids, past_key_values=full, logits_to_keep=1)
     out = {}
@@ -109,7 +115,7 @@ def main() -> None:
             hits, times = 0, []
             for p in src["prompts"]:
                 press = None if name == "full" else PRESSES[name](1 - ratio)
-                text, t = answer(model, tok, p["context"], p["question"], press)
+                text, t = answer(model, tok, p["context"], p["question"], press, eos=src.get("eos_token_id", 2))
                 hits += p["key"] in text
                 times.append(t)
                 answers.append({"method": name, "ratio": ratio, "length": p["length"], "depth": p["depth"],
@@ -124,7 +130,7 @@ def main() -> None:
     import transformers
 
     payload = {"accuracy": acc, "kept": kept, "answers": answers, "overlap_ratio": src["overlap_ratio"],
-               "overlap_length": len(tok(src["overlap_context"])["input_ids"]),
+               "overlap_length": ids_of(tok, src["overlap_context"]).shape[1],
                "versions": {"kvpress": getattr(kvpress, "__version__", "0.5.5"),
                             "transformers": transformers.__version__, "torch": torch.__version__}}
     out = RESULTS / "kvpress_side.json"
