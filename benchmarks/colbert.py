@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, ROOT, Report, plot, shared_data
+from _harness import RESULTS, ROOT, Report, shared_data
 
 from unipruner.adapters.colbert._compress import compress, open_index
 from unipruner.adapters.colbert._eval import (
@@ -247,9 +247,51 @@ def scale_part(work: Path, sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000
     return rep
 
 
+def plot_retention() -> Path:
+    """Retention vs fraction kept from the saved results (pooling solid, pruning dashed, global dotted, PyLate x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((RESULTS / "colbert_retention.json").read_text())["rows"]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["budget"] != "-":
+            curves.setdefault(r["method"], []).append((r["kept"], r["retention"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    cmap = plt.get_cmap("tab20")
+    for i, (label, pts) in enumerate(curves.items()):
+        xs, ys = zip(*sorted(pts), strict=True)
+        style = ":" if "global" in label else ("-" if label in POOLING else "--")
+        ax.plot(xs, ys, style, marker="o", ms=4, color=cmap(i % 20), label=label)
+    pl = RESULTS / "colbert_pylate.json"
+    if pl.exists():
+        prow = [r for r in json.loads(pl.read_text())["rows"] if r["impl"].startswith("PyLate")]
+        # PyLate keeps exactly as many vectors as our pooling at the same factor
+        kept = {r["budget"]: r["kept"] for r in rows if r["method"] == "ward"}
+        pts = [(kept[f"factor {r['pool_factor']:g}"], r["retention"]) for r in prow
+               if f"factor {r['pool_factor']:g}" in kept]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "kx", ms=9, label="PyLate pool_factor")
+    ax.axhline(0.99, color="grey", lw=0.6)
+    ax.axhline(0.97, color="grey", lw=0.6)
+    ax.set_xlabel("fraction of vectors kept")
+    ax.set_ylabel("nDCG@10 retention")
+    ax.set_title("Cranfield, all-MiniLM-L6-v2 token vectors: retention vs vectors kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    out = IMG / "colbert_retention.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("all", "retention", "pylate", "scale"), default="all")
+    ap.add_argument("--part", choices=("all", "retention", "pylate", "scale", "plot"), default="all")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -260,13 +302,10 @@ def main() -> None:
             data = load_beir(shared_data("ir", "cranfield"))
             q, flat, lens = embeddings(data)
         if args.part in ("all", "retention"):
-            rep, extra = retention_part(data, q, flat, lens, work)
+            rep, _ = retention_part(data, q, flat, lens, work)
             rep.print()
             rep.save(cmd)
-            IMG.mkdir(parents=True, exist_ok=True)
-            series = {k: v for k, v in extra["curves"].items()}
-            plot(IMG / "colbert_retention.png", series, xlabel="fraction of vectors kept",
-                 ylabel="nDCG@10 retention", title="Cranfield, MiniLM token vectors: retention vs vectors kept")
+            plot_retention()
         if args.part in ("all", "pylate"):
             base = evaluate_index(open_index(write_raw(work / "base", flat, doclens=lens.tolist(),
                                                        ids=data.doc_ids)), data, q)
@@ -279,6 +318,8 @@ def main() -> None:
             rep = scale_part(work)
             rep.print()
             rep.save(cmd)
+        if args.part == "plot":
+            print(plot_retention())
 
 
 if __name__ == "__main__":
