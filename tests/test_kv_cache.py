@@ -445,3 +445,21 @@ def test_bad_input_is_a_clear_error(llama: transformers.PreTrainedModel) -> None
         kv.stats(DynamicCache())
     with pytest.raises(err, match="question per context"):
         kv.generate(llama, _Tok(), ["a b", "c d"], ["x", "y", "z"], method="knorm", ratio=0.5)
+
+
+@torch.no_grad()
+def test_deprecated_past_key_values_kwarg_is_the_same_cache(llama: transformers.PreTrainedModel) -> None:
+    ids, mask = _batch([24, 17])
+    pos = _positions(mask)
+    outs = []
+    with kv.compress(llama, "snapkv", ratio=0.5, window=4):
+        for name in ("cache", "past_key_values"):
+            cache = kv.CompressedCache(llama.config)
+            first = llama(ids, attention_mask=mask, position_ids=pos, **{name: cache})
+            nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+            m2 = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            second = llama(nxt, attention_mask=m2, position_ids=pos[:, -1:] + 1, **{name: cache})
+            assert cache.compressed and kv.stats(cache).tokens_after < kv.stats(cache).tokens_before
+            outs.append((first.logits[:, -1], second.logits[:, -1], cache.layers[0].k.clone()))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
