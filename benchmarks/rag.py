@@ -1,0 +1,248 @@
+"""RAG context pruning on HotpotQA (distractor, 10 paragraphs) and SQuAD, against LongLLMLingua.
+
+For each scorer (plus random and oracle) and each compression (2x, 4x, 8x = keeping 50 / 25 /
+12.5 % of the context's SmolLM2 tokens, one global budget per question, sentence units):
+answer survival (a gold answer string still in the pruned context, over the questions whose
+answer is in the full context), gold-paragraph recall (HotpotQA: gold paragraphs with at least
+one unit kept), achieved compression, and scoring latency per query. On a subset: the answer's
+negative log-likelihood under SmolLM2-135M-Instruct given the pruned vs the full context, and
+llmlingua 0.2.2 (LongLLMLingua mode, SmolLM2 as its LM, in ``.venv-llmlingua``) on the same
+inputs.
+
+    python benchmarks/rag.py                         # defaults as in docs/benchmarks_rag.md
+    python benchmarks/rag.py --n 100 --lm-n 12 --llmlingua-n 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, Report, plot, shared_data
+
+from unipruner import Budget
+from unipruner.adapters.rag import ContextPruner, ScoredContext
+from unipruner.adapters.rag._pruner import TokenCounter
+
+RATIOS = (0.5, 0.25, 0.125)
+
+
+def load(name: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """HotpotQA (first ``n``) or a seeded SQuAD sample of ``n`` questions, as benchmark items."""
+    if name == "hotpotqa":
+        with gzip.open(shared_data("qa", "hotpotqa_distractor_dev250.jsonl.gz"), "rt", encoding="utf-8") as f:
+            recs = [json.loads(x) for x in f][:n]
+    else:
+        with gzip.open(shared_data("qa", "squad_v1.1_dev.jsonl.gz"), "rt", encoding="utf-8") as f:
+            recs = [json.loads(x) for x in f]
+        recs = random.Random(seed).sample(recs, n)
+    items = []
+    for r in recs:
+        docs = [{"text": f"{c['title']}. {c['text']}" if name == "hotpotqa" else c["text"],
+                 "metadata": {"gold": bool(c.get("is_gold", True))}} for c in r["contexts"]]
+        items.append({"question": r["question"], "answers": r["answers"], "docs": docs})
+    return items
+
+
+class OracleScorer:
+    """Upper bound: units holding an answer string score 2, other units of gold paragraphs 1."""
+
+    name = "oracle"
+
+    def __init__(self, answers: list[str], gold: list[bool]) -> None:
+        self.answers, self.gold = answers, gold
+
+    def score(self, query: str, texts: Any, spans: Any) -> list[torch.Tensor]:
+        return [torch.tensor([2.0 * any(a in t[s:e] for a in self.answers) + float(self.gold[d])
+                              for s, e in sp]) for d, (t, sp) in enumerate(zip(texts, spans, strict=True))]
+
+
+def survived(text: str, answers: list[str]) -> bool:
+    return any(a in text for a in answers)
+
+
+def answer_nll(model: Any, tok: Any, context: str, question: str, answer: str) -> float:
+    """Mean negative log-likelihood per answer token given context + question (completion framing)."""
+    prompt = f"{context}\n\nQuestion: {question}\nAnswer:"
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + a_ids])
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(p_ids) - 1:-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(a_ids)))
+
+
+def export_smollm2(model: Any, tok: Any, path: Path) -> Path:
+    """A plain HF directory of SmolLM2 (for transformers 4.46 in .venv-llmlingua)."""
+    import transformers
+
+    plain = transformers.LlamaForCausalLM(model.config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((path / "tokenizer_config.json").read_text())
+    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (path / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100, help="HotpotQA and SQuAD questions for the fast scorers")
+    ap.add_argument("--lm-n", type=int, default=12, help="HotpotQA questions for SmolLM2 scorers and NLL")
+    ap.add_argument("--llmlingua-n", type=int, default=8, help="HotpotQA questions for LLMLingua (0 = skip)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/rag.py " + " ".join(sys.argv[1:])
+
+    from unipruner.models import load_smollm2
+
+    model, tok = load_smollm2()
+    counter = TokenCounter(tok)
+    hot = load("hotpotqa", max(args.n, args.lm_n, args.llmlingua_n))
+    squad = load("squad", args.n)
+
+    # LLMLingua runs first in its own venv (it is by far the slowest), on the first llmlingua-n questions
+    ll_out: list[dict[str, Any]] | None = None
+    ll_proc = None
+    tmpdir = Path(tempfile.mkdtemp(prefix="rag_bench_"))
+    venv_py = ROOT / ".venv-llmlingua" / "bin" / "python"
+    if args.llmlingua_n and venv_py.exists():
+        export_smollm2(model, tok, tmpdir / "smollm2")
+        job = {"model_dir": str(tmpdir / "smollm2"),
+               "items": [{"question": it["question"], "docs": [d["text"] for d in it["docs"]], "ratios": [0.25]}
+                         for it in hot[: args.llmlingua_n]]}
+        (tmpdir / "in.json").write_text(json.dumps(job))
+        env = dict(os.environ, RAG_THREADS="1")
+        ll_proc = subprocess.Popen([str(venv_py), str(ROOT / "benchmarks" / "_rag_llmlingua.py"),
+                                    str(tmpdir / "in.json"), str(tmpdir / "out.json")], env=env)
+
+    scorers: dict[str, dict[str, Any]] = {
+        "random": {"scorer": "random"},
+        "bm25": {"scorer": "bm25"},
+        "bm25+prf": {"scorer": "bm25", "feedback": 1},
+        "embedding": {"scorer": "embedding"},
+        "embedding+prf": {"scorer": "embedding", "feedback": 1},
+        "focal_attention": {"scorer": "focal_attention"},
+        "self_information": {"scorer": "self_information"},
+    }
+    lm_scorers = {"focal_attention", "self_information"}
+    surv_rows = Report("rag_survival", ["dataset", "scorer", "n", "compression", "achieved", "survival",
+                                        "gold_recall", "ms_per_query"])
+    nll_rows = Report("rag_nll", ["scorer", "n", "compression", "achieved", "survival", "answer_nll",
+                                  "nll_full"])
+    plots: dict[str, tuple[list[float], list[float]]] = {}
+    kept_texts: dict[str, list[str]] = {}
+    for ds_name, items in (("hotpotqa", hot[: args.n]), ("squad", squad)):
+        answerable = [it for it in items if survived(" ".join(d["text"] for d in it["docs"]), it["answers"])]
+        for label in ["oracle", *scorers]:
+            subset = answerable[: args.lm_n] if label in lm_scorers else answerable
+            if ds_name == "squad" and label in lm_scorers:
+                continue
+            ctxs: list[tuple[dict[str, Any], ScoredContext]] = []
+            times = []
+            pruner = None
+            for it in subset:
+                if label == "oracle":
+                    pruner = ContextPruner(OracleScorer(it["answers"], [d["metadata"]["gold"] for d in it["docs"]]),
+                                           Budget(ratio=0.25), tokenizer=tok, context_weight=0.0)
+                elif pruner is None:
+                    pruner = ContextPruner(budget=Budget(ratio=0.25), tokenizer=tok, **scorers[label])
+                    pruner.prune("warm up", ["Warm up the model."], 1.0)
+                t0 = time.perf_counter()
+                ctxs.append((it, pruner.score(it["question"], it["docs"])))
+                times.append(time.perf_counter() - t0)
+            assert pruner is not None
+            for r in RATIOS:
+                res = [(it, pruner.select(c, Budget(ratio=r))) for it, c in ctxs]
+                surv = statistics.mean(survived(p.text(), it["answers"]) for it, p in res)
+                gold = statistics.mean(
+                    sum(it["docs"][d.index]["metadata"]["gold"] for d in p.documents)
+                    / max(1, sum(x["metadata"]["gold"] for x in it["docs"])) for it, p in res)
+                achieved = statistics.mean(p.stats.compression for _, p in res)
+                surv_rows.add(dataset=ds_name, scorer=label, n=len(res), compression=f"{1 / r:.0f}x",
+                              achieved=achieved, survival=surv, gold_recall=gold,
+                              ms_per_query=1e3 * statistics.median(times))
+                if ds_name == "hotpotqa":
+                    plots.setdefault(label, ([], []))[0].append(achieved)
+                    plots[label][1].append(surv)
+                    if r == 0.25:
+                        kept_texts[label] = [p.text() for _, p in res]
+            print(f"{ds_name} {label} done", flush=True)
+        if ds_name == "hotpotqa":
+            hot_answerable = answerable
+
+    # NLL of the answer under SmolLM2, pruned (4x) vs full, on the LM subset
+    sub = hot_answerable[: args.lm_n]
+    full_nll = [answer_nll(model, tok, "\n\n".join(d["text"] for d in it["docs"]), it["question"], it["answers"][0])
+                for it in sub]
+    for label in ["oracle", *scorers]:
+        texts = kept_texts[label][: len(sub)]
+        nll = [answer_nll(model, tok, t, it["question"], it["answers"][0]) for t, it in zip(texts, sub, strict=True)]
+        ach = statistics.mean(counter.count("\n\n".join(d["text"] for d in it["docs"])) / max(1, counter.count(t))
+                              for t, it in zip(texts, sub, strict=True))
+        nll_rows.add(scorer=label, n=len(sub), compression="4x", achieved=ach,
+                     survival=statistics.mean(survived(t, it["answers"]) for t, it in zip(texts, sub, strict=True)),
+                     answer_nll=statistics.mean(nll), nll_full=statistics.mean(full_nll))
+    print("nll done", flush=True)
+
+    # LLMLingua side by side on its subset
+    ll_rows = Report("rag_llmlingua", ["method", "n", "compression", "achieved", "survival", "seconds_per_query"])
+    if ll_proc is not None:
+        ll_proc.wait()
+        if ll_proc.returncode == 0:
+            ll_out = json.loads((tmpdir / "out.json").read_text())
+        else:
+            ll_rows.notes.append(f"llmlingua subprocess failed with exit code {ll_proc.returncode}")
+    if ll_out is not None:
+        items = hot[: args.llmlingua_n]
+        keep = [i for i, it in enumerate(items) if survived(" ".join(d["text"] for d in it["docs"]), it["answers"])]
+        texts = [ll_out[i]["0.25"]["text"] for i in keep]
+        ach = statistics.mean(counter.count("\n\n".join(d["text"] for d in items[i]["docs"])) / max(1, counter.count(t))
+                              for i, t in zip(keep, texts, strict=True))
+        ll_rows.add(method="llmlingua (LongLLMLingua, SmolLM2)", n=len(keep), compression="4x", achieved=ach,
+                    survival=statistics.mean(survived(t, items[i]["answers"])
+                                             for i, t in zip(keep, texts, strict=True)),
+                    seconds_per_query=statistics.mean(ll_out[i]["0.25"]["seconds"] for i in keep))
+        for label in ["oracle", *scorers]:
+            p = ContextPruner(budget=Budget(ratio=0.25), tokenizer=tok, **(scorers.get(label) or {"scorer": "bm25"}))
+            rows = []
+            for i in keep:
+                it = items[i]
+                if label == "oracle":
+                    p = ContextPruner(OracleScorer(it["answers"], [d["metadata"]["gold"] for d in it["docs"]]),
+                                      Budget(ratio=0.25), tokenizer=tok, context_weight=0.0)
+                t0 = time.perf_counter()
+                res = p.prune(it["question"], it["docs"])
+                rows.append((res, time.perf_counter() - t0, it))
+            ll_rows.add(method=f"unipruner {label}", n=len(rows), compression="4x",
+                        achieved=statistics.mean(r.stats.compression for r, _, _ in rows),
+                        survival=statistics.mean(survived(r.text(), it["answers"]) for r, _, it in rows),
+                        seconds_per_query=statistics.mean(t for _, t, _ in rows))
+    for rep in (surv_rows, nll_rows, ll_rows):
+        rep.notes.append(f"threads={args.threads}; survival over questions whose answer string is in the full context")
+        rep.print()
+        rep.save(command)
+    plot(ROOT / "docs" / "img" / "rag_survival.png", plots, xlabel="achieved compression (x)",
+         ylabel="answer survival", title="HotpotQA: answer survival vs compression (sentence units)")
+
+
+if __name__ == "__main__":
+    main()
