@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import re
 import sys
@@ -56,7 +57,7 @@ def test_units_tile_the_text(granularity: str) -> None:
     text = "  First para. Second sentence here.\n\nNew paragraph, with words.  \n\n\nLast one"
     spans = unit_spans(text, granularity)
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     assert all(text[s:e].strip() for s, e in spans)
     if granularity == "token":
         assert [text[s:e].strip() for s, e in spans] == text.split()
@@ -80,7 +81,8 @@ def test_aggregate_spans_matches_naive_loop() -> None:
         ref = []
         for s, e in units.tolist():
             mine = [float(v) for (a, b), v in zip(tok.tolist(), vals, strict=True) if b > a and s <= a < e]
-            ref.append(None if not mine else {"mean": sum(mine) / len(mine), "max": max(mine), "sum": sum(mine)}[reduce])
+            agg = {"mean": sum(mine) / max(len(mine), 1), "max": max(mine, default=0.0), "sum": sum(mine)}
+            ref.append(agg[reduce] if mine else None)
         fill = min(r for r in ref if r is not None)
         assert torch.allclose(got, torch.tensor([fill if r is None else r for r in ref]), atol=1e-6)
 
@@ -158,7 +160,7 @@ def test_focal_attention_matches_eager_attention(smollm2: tuple[object, object])
         model.set_attn_implementation("sdpa")  # type: ignore[attr-defined]
     row = torch.stack([att[i][0, :, -1] for i in (3, 5)]).mean(dim=(0, 1))
     starts = [len("Context:\n"), len("Context:\n") + len(texts[0]) + 2]
-    for d, text in enumerate(texts):
+    for d in range(len(texts)):
         ref = []
         for s, e in spans[d]:
             vals = [float(row[j]) for j, (a, b) in enumerate(enc["offset_mapping"])
