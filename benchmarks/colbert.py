@@ -193,16 +193,24 @@ def pylate_part(data: BeirData, q: list[torch.Tensor], flat: torch.Tensor, lens:
 
 
 _SCALE_SCRIPT = textwrap.dedent('''
-    import json, resource, sys, time, torch
+    import json, sys, time, torch
     torch.set_num_threads(int(sys.argv[4]))
     from unipruner.adapters.colbert._compress import compress
     from unipruner.adapters.colbert._methods import ReduceSpec
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def status(key):  # VmHWM / VmRSS of this process image (ru_maxrss would include the parent's, kept across exec)
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    base = status("VmRSS")
     t0 = time.perf_counter()
-    r = compress(sys.argv[1], sys.argv[2], ReduceSpec("ward", factor=2, protected=1), workers=int(sys.argv[3]))
+    ticks = []
+    r = compress(sys.argv[1], sys.argv[2], ReduceSpec("ward", factor=2, protected=1), workers=int(sys.argv[3]),
+                 progress=lambda d, a, b: ticks.append(round(time.perf_counter() - t0, 1)))
     sec = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": sec, "peak_mib": peak / 1024, "base_mib": base / 1024,
+    print(json.dumps({"seconds": sec, "peak_mib": status("VmHWM"), "base_mib": base, "chunk_times": ticks,
                       "chunks": r.src.n_chunks, "n_in": r.src.n_vectors, "n_out": r.dst.n_vectors,
                       "bytes_in": r.src.n_bytes, "bytes_out": r.dst.n_bytes}))
 ''')
@@ -236,14 +244,15 @@ def scale_part(work: Path, sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000
         rep.add(vectors=n, documents=len(lens), chunks=r["chunks"], seconds=r["seconds"],
                 vectors_per_s=n / r["seconds"], peak_rss_mib=r["peak_mib"], rss_after_imports_mib=r["base_mib"],
                 bytes_in=r["bytes_in"], bytes_out=r["bytes_out"])
-        print(f"{n:,} vectors: {r['seconds']:.1f} s, peak RSS {r['peak_mib']:.0f} MiB", flush=True)
+        print(f"{n:,} vectors: {r['seconds']:.1f} s, peak RSS {r['peak_mib']:.0f} MiB, chunks done at "
+              f"{r['chunk_times']} s", flush=True)
         import shutil
 
         shutil.rmtree(src)
         shutil.rmtree(work / f"out{n}")
     rep.notes.append("Synthetic raw index (dim 128, float16, 32-160 vectors per document), Ward pool factor 2, "
-                     "protected 1, workers=1, 2 torch threads, chunks of <= 2^18 vectors; peak RSS of a fresh "
-                     "process (includes ~the RSS after importing torch, shown separately).")
+                     "protected 1, workers=1, 2 torch threads, chunks of <= 2^18 vectors; peak RSS = VmHWM of a "
+                     "fresh process (includes the RSS after importing torch and unipruner, shown separately).")
     return rep
 
 
