@@ -237,6 +237,7 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec, *, workers: int
             n_out += int(out.vectors.shape[0])
             if progress is not None:
                 progress(docs, n_in, n_out)
+            del out  # release the reduced chunk before the next one is decoded
         writer.close()
         if docs != info.n_docs:
             raise UniprunerError(f"the source yielded {docs} documents but reports {info.n_docs}")

@@ -245,6 +245,7 @@ class RawIndex(IndexFormat):
             if not bool(torch.isfinite(vecs).all()):
                 raise IndexFormatError(f"{self.path}: chunk {c} (documents {d0}..{d1 - 1}) contains NaN or inf")
             yield Chunk(c, d0, self.doclens[d0:d1].copy(), vecs)
+            del vecs  # hold no decoded chunk while the next one is read
 
     def writer(self, dst: Path) -> ChunkWriter:
         return RawWriter(Path(dst), dim=int(self.manifest["dim"]), dtype=self.manifest["dtype"], ids=self.ids,
