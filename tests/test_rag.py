@@ -334,3 +334,12 @@ def test_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch, modu
     monkeypatch.delitem(sys.modules, f"unipruner.adapters.rag.{module}", raising=False)
     with pytest.raises(MissingDependencyError, match=re.escape(f"pip install 'unipruner[{extra}]'")):
         importlib.import_module(f"unipruner.adapters.rag.{module}")
+
+
+def test_demo_record_is_a_hotpotqa_question_with_two_gold_paragraphs() -> None:
+    from unipruner.adapters.rag._demo import demo_documents
+
+    question, docs, answers = demo_documents()
+    assert question.endswith("?") and len(docs) == 10
+    assert sum(d["metadata"]["gold"] for d in docs) == 2
+    assert any(answers[0] in d["text"] for d in docs if d["metadata"]["gold"])

@@ -1,6 +1,6 @@
 """The ``unipruner demo`` RAG section: a HotpotQA question and its 10 paragraphs, pruned.
 
-The record is HotpotQA dev (distractor setting) question ``5a8c7595554299585d9e36b6``, copied
+The record is HotpotQA dev (distractor setting) question ``5ab6d09255429954757d337d``, copied
 from ``shared/data/qa/hotpotqa_distractor_dev250.jsonl.gz`` (Yang et al., EMNLP 2018;
 CC BY-SA 4.0) so the demo needs no data download.
 """
@@ -13,86 +13,78 @@ from typing import Any
 __all__ = ["demo_documents", "demo_section"]
 
 _RECORD: dict[str, Any] = {
-    "id": '5a8c7595554299585d9e36b6',
-    "question": ("What government position was held by the woman who portrayed Corliss Archer in the film "
-                 "Kiss and Tell?"),
-    "answers": ['Chief of Protocol'],
+    "id": '5ab6d09255429954757d337d',
+    "question": ('The football manager who recruited David Beckham managed Manchester United during what '
+                 'timeframe?'),
+    "answers": ['from 1986 to 2013'],
     "contexts": [
-        ('Meet Corliss Archer',
-            "Meet Corliss Archer, a program from radio's Golden Age, ran from January 7, 1943 to September 30, "
-            '1956.  Although it was CBS\'s answer to NBC\'s popular "A Date with Judy", it was also broadcast by '
-            'NBC in 1948 as a summer replacement for "The Bob Hope Show".  From October 3, 1952 to June 26, 1953,'
-            " it aired on ABC, finally returning to CBS.  Despite the program's long run, fewer than 24 episodes "
-            'are known to exist.',
+        ('Joshua Parlby',
+            'Joshua Parlby (born 1855 in Longton, Staffordshire) was an English football manager who managed '
+            'Manchester City in the 1890s.',
          False),
-        ('Shirley Temple',
-            'Shirley Temple Black (April 23, 1928 – February 10, 2014) was an American actress, singer, dancer, '
-            "businesswoman, and diplomat who was Hollywood's number one box-office draw as a child actress from "
-            '1935 to 1938.  As an adult, she was named United States ambassador to Ghana and to Czechoslovakia '
-            'and also served as Chief of Protocol of the United States.',
+        ('1996 FA Charity Shield',
+            'The 1996 FA Charity Shield (also known as the Littlewoods FA Charity Shield for sponsorship '
+            'reasons) was the 74th FA Charity Shield, an annual football match played between the winners of '
+            "the previous season's Premier League and FA Cup competitions.  The match was played on 11 August"
+            ' 1996 at Wembley Stadium and contested by Manchester United, who had won the Double of Premier '
+            'League and FA Cup in 1995–96, and Newcastle United, who had finished as runners-up in the '
+            'Premier League.  Manchester United won the match 4–0 with goals from Eric Cantona, Nicky Butt, '
+            'David Beckham and Roy Keane.',
+         False),
+        ('Sir Matt Busby Sports Complex',
+            'The Sir Matt Busby Sports Complex is a public leisure centre located in Bellshill, North '
+            'Lanarkshire, Scotland.  It is named in honour of Sir Matt Busby, the football manager who was '
+            'born in Bellshill in 1909, managed Manchester United from 1945 to 1969 and died in 1994.',
+         False),
+        ('Ernest Mangnall',
+            'James Ernest Mangnall (4 January 1866 – 13 January 1932) was an English football manager who '
+            'started his career with Burnley and managed Manchester United between 1903–1912 and then went on'
+            ' to manage Manchester City from 1912–1924, and is the only man to date to have managed both '
+            'clubs.',
+         False),
+        ('David Beckham Academy',
+            'The David Beckham Academy was a football school founded by England international David Beckham '
+            'in 2005.  In 2009 it operated in two locations: in London, United Kingdom, and in Los Angeles, '
+            'California, United States.  The academy pulled out of the London site at the end of the lease in'
+            ' October 2009, and the California branch closed soon after.',
+         False),
+        ('1995–96 Manchester United F.C. season',
+            "The 1995–96 season was Manchester United's fourth season in the Premier League, and their 21st "
+            'consecutive season in the top division of English football.  United finished the season by '
+            'becoming the first English team to win the Double (league title and FA Cup) twice.  Their '
+            'triumph was made all the more remarkable by the fact that Alex Ferguson had sold experienced '
+            'players Paul Ince, Mark Hughes and Andrei Kanchelskis before the start of the season, and not '
+            'made any major signings.  Instead, he had drafted in young players like Nicky Butt, David '
+            'Beckham, Paul Scholes and the Neville brothers, Gary and Phil.',
          True),
-        ('Janet Waldo',
-            'Janet Marie Waldo (February 4, 1920 – June 12, 2016) was an American radio and voice actress.  She '
-            'is best known in animation for voicing Judy Jetson, Nancy in "Shazzan", Penelope Pitstop, and Josie '
-            'in "Josie and the Pussycats", and on radio as the title character in "Meet Corliss Archer".',
+        ("The Class of '92",
+            "The Class of '92 is a 2013 British documentary film, released on 1 December 2013.  The film "
+            'centres on the rise of six young Manchester United footballers – David Beckham, Nicky Butt, Ryan'
+            ' Giggs, Gary Neville, Phil Neville and Paul Scholes – and details their careers for Manchester '
+            'United starting in 1992.',
          False),
-        ('Meet Corliss Archer (TV series)',
-            'Meet Corliss Archer is an American television sitcom that aired on CBS (July 13, 1951 - August 10, '
-            '1951) and in syndication via the Ziv Company from April to December 1954.  The program was an '
-            'adaptation of the radio series of the same name, which was based on a series of short stories by F. '
-            'Hugh Herbert.',
+        ("David Beckham's Soccer USA",
+            "David Beckham's Soccer USA was a football highlights and general discussion show presented by "
+            'Tim Lovejoy and produced and broadcast in the United Kingdom by Five.  The show began following '
+            "David Beckham's move to Los Angeles Galaxy, and Beckham often contributes to the show in the "
+            'form of Interviews. Each week there was a special guest in the studio, usually a British sports '
+            'personality, to whom Lovejoy chatted about their career and their views on Major League Soccer.'
+            '  A slightly different version of the show hosted by Natalie Pinkham and completely devoid of '
+            'any content derived from British studio footage was broadcast in the USA on Fox Soccer Channel.',
          False),
-        ('Lord High Treasurer',
-            'The post of Lord High Treasurer or Lord Treasurer was an English government position and has been a '
-            'British government position since the Acts of Union of 1707.  A holder of the post would be the '
-            'third-highest-ranked Great Officer of State, below the Lord High Steward and the Lord High '
-            'Chancellor.',
+        ('Matt Busby',
+            'Sir Alexander Matthew Busby, CBE, KCSG (26 May 1909 – 20 January 1994) was a Scottish football '
+            'player and manager, who managed Manchester United between 1945 and 1969 and again for the second'
+            ' half of the 1970–71 season.  He is widely regarded as one of the greatest managers of all time.'
+            '  His managerial records and longevity at the helm of Manchester United are surpassed only by '
+            'Sir Alex Ferguson.',
          False),
-        ('A Kiss for Corliss',
-            'A Kiss for Corliss is a 1949 American comedy film directed by Richard Wallace and written by Howard '
-            'Dimsdale.  It stars Shirley Temple in her final starring role as well as her final film appearance.'
-            '  It is a sequel to the 1945 film "Kiss and Tell".  "A Kiss for Corliss" was retitled "Almost a '
-            'Bride" before release and this title appears in the title sequence.  The film was released on '
-            'November 25, 1949, by United Artists.',
-         False),
-        ('Kiss and Tell (1945 film)',
-            'Kiss and Tell is a 1945 American comedy film starring then 17-year-old Shirley Temple as Corliss '
-            'Archer.  In the film, two teenage girls cause their respective parents much concern when they start '
-            "to become interested in boys.  The parents' bickering about which girl is the worse influence causes"
-            ' more problems than it solves.',
+        ('Alex Ferguson',
+            'Sir Alexander Chapman Ferguson, CBE (born 31 December 1941) is a Scottish former football '
+            'manager and player who managed Manchester United from 1986 to 2013.  He is regarded by many '
+            'players, managers and analysts to be one of the greatest and most successful managers of all '
+            'time.',
          True),
-        ('Secretary of State for Constitutional Affairs',
-            'The office of Secretary of State for Constitutional Affairs was a British Government position, '
-            "created in 2003.  Certain functions of the Lord Chancellor which related to the Lord Chancellor's "
-            'Department were transferred to the Secretary of State.  At a later date further functions were also '
-            'transferred to the Secretary of State for Constitutional Affairs from the First Secretary of State, '
-            'a position within the government held by the Deputy Prime Minister.',
-         False),
-        ('Village accountant',
-            'The Village Accountant (variously known as "Patwari", "Talati", "Patel", "Karnam", "Adhikari", '
-            '"Shanbogaru","Patnaik" etc.) is an administrative government position found in rural parts of the '
-            'Indian sub-continent.  The office and the officeholder are called the "patwari" in Telangana, '
-            'Bengal, North India and in Pakistan while in Sindh it is called "tapedar".  The position is known as'
-            ' the "karnam" in Andhra Pradesh, "patnaik" in Orissa or "adhikari" in Tamil Nadu, while it is '
-            'commonly known as the "talati" in Karnataka, Gujarat and Maharashtra.  The position was known as the'
-            ' "kulkarni" in Northern Karnataka and Maharashtra.  The position was known as the "shanbogaru" in '
-            'South Karnataka.',
-         False),
-        ('Charles Craft',
-            'Charles Craft (May 9, 1902 – September 19, 1968) was an English-born American film and television '
-            'editor.  Born in the county of Hampshire in England on May 9, 1902, Craft would enter the film '
-            'industry in Hollywood in 1927.  The first film he edited was the Universal Pictures silent film, '
-            '"Painting the Town".  Over the next 25 years, Craft would edit 90 feature-length films.  In the '
-            'early 1950s he would switch his focus to the small screen, his first show being "Racket Squad", from'
-            ' 1951–53, for which he was the main editor, editing 93 of the 98 episodes.  He would work on several'
-            ' other series during the 1950s, including "Meet Corliss Archer" (1954), "Science Fiction Theatre" '
-            '(1955–56), and "Highway Patrol" (1955–57).  In the late 1950s and early 1960s he was one of the main'
-            ' editors on "Sea Hunt", starring Lloyd Bridges, editing over half of the episodes.  His final film '
-            'work would be editing "Flipper\'s New Adventure" (1964, the sequel to 1963\'s "Flipper".  When the '
-            'film was made into a television series, Craft would begin the editing duties on that show, editing '
-            'the first 28 episodes before he retired in 1966.  Craft died on September 19, 1968 in Los Angeles, '
-            'California.',
-         False),
     ],
 }
 
@@ -121,7 +113,7 @@ def demo_section(console: Any, ratio: float) -> None:
     console.rule(f"[bold]rag: pruning a HotpotQA question's 10 paragraphs to {ratio:.0%} of their tokens")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     question, docs, answers = demo_documents()
-    pruner = ContextPruner("embedding", Budget(ratio=ratio), feedback=1)
+    pruner = ContextPruner("embedding", Budget(ratio=ratio))
     t0 = time.perf_counter()
     result = pruner.prune(question, docs)
     dt = time.perf_counter() - t0
