@@ -356,6 +356,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024", help="context lengths of the full method x ratio grid")
     ap.add_argument("--depths", default="0,0.5,1")
     ap.add_argument("--long-lengths", default="2048,4096", help="lengths of the ratio-0.5 sweep (--part long)")
+    ap.add_argument("--long-depths", default="0.5", help="needle depths of the long sweep")
     ap.add_argument("--ppl-prefill", type=int, default=1024)
     ap.add_argument("--ppl-cont", type=int, default=128)
     ap.add_argument("--cost-length", type=int, default=512)
@@ -401,7 +402,8 @@ def main() -> None:
         t0 = time.time()
         long_lengths = [768] if args.quick else [int(x) for x in args.long_lengths.split(",")]
         sub = [m for m in methods if m[0] in ("snapkv", "streamingllm", "knorm")]
-        rep, _ = run_passkey(model, tok, long_lengths, [0.5], sub, (0.5,), name="kv_passkey_long")
+        depths_long = [0.5] if args.quick else [float(x) for x in args.long_depths.split(",")]
+        rep, _ = run_passkey(model, tok, long_lengths, depths_long, sub, (0.5,), name="kv_passkey_long")
         rep.notes.append(f"wall time {time.time() - t0:.0f} s")
         rep.print()
         print(rep.save(cmd))
