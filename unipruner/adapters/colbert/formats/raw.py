@@ -124,9 +124,19 @@ class _Vectors:
         if arr.shape[1] != dim:
             raise IndexFormatError(f"{path}: vectors have dimension {arr.shape[1]} but manifest.json says {dim}")
         self.arr = arr
+        self._offset = int(arr.offset) if isinstance(arr, np.memmap) else None
+        self._fortran = bool(arr.flags.f_contiguous and not arr.flags.c_contiguous)
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.arr[a:b], dtype=np.float32))
+        """Rows ``a:b`` as float32, read with plain file reads (no mapped pages stay resident in this process)."""
+        if self._offset is None or self._fortran:
+            return torch.from_numpy(np.array(self.arr[a:b], dtype=np.float32))
+        dim = self.arr.shape[1]
+        out = np.fromfile(self.path, dtype=self.arr.dtype, count=(b - a) * dim,
+                          offset=self._offset + a * dim * self.arr.dtype.itemsize)
+        if out.size != (b - a) * dim:
+            raise IndexFormatError(f"{self.path}: truncated while reading rows {a}..{b}")
+        return torch.from_numpy(out.reshape(b - a, dim).astype(np.float32))
 
 
 @register
