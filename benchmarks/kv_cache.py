@@ -417,7 +417,8 @@ def main() -> None:
     if "cost" in parts:
         t0 = time.time()
         cm = [m for m in methods if m[0] in ("streamingllm", "knorm", "snapkv", "tova", "h2o")]
-        rep = run_cost(model, tok, 256 if args.quick else args.cost_length, [1, 8], 8 if args.quick else 16, 0.25,
+        batches = [1, 2] if args.quick else [1, 8]
+        rep = run_cost(model, tok, 256 if args.quick else args.cost_length, batches, 8 if args.quick else 16, 0.25,
                        cm, 1)
         rep.notes.append(f"wall time {time.time() - t0:.0f} s")
         rep.print()
