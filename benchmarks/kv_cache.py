@@ -17,8 +17,10 @@ Also writes ``benchmarks/results/kv_prompts.json`` (the exact prompts, for ``kvp
 when ``benchmarks/results/kvpress_side.json`` exists, prints kvpress's accuracy next to ours and the
 overlap of kept token sets per layer and KV head (``--part compare``).
 
-Run: ``python benchmarks/kv_cache.py`` (``--quick`` for a 2-minute smoke run; ``--part passkey|ppl|cost|
-compare``). ``torch.set_num_threads(2)``.
+Run: ``python benchmarks/kv_cache.py`` (``--quick`` for a 2-minute smoke run; ``--part passkey|long|ppl|cost|
+compare|plot``). Defaults are sized for a loaded 2-core CPU (about 30 min with the kvpress side): the grid at
+1,024 tokens and depths 0/50/100 %, the 2k/4k sweep at ratio 0.5 only, perplexity on 1,024 + 128 tokens,
+cost at 512 tokens. ``torch.set_num_threads(1)`` by default (``--threads``).
 """
 
 from __future__ import annotations
