@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,6 +330,23 @@ def _scores(method: str, x: Tensor, mask: Tensor, ids: Tensor | None, tokens: To
 # ----------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _one_thread(faiss: Any = None) -> Iterator[None]:
+    """Run a loop of many small tensor ops on one thread (intra-op threads only add synchronisation there, and
+    under CPU contention they slow the Ward merge loop down >10x); restores the previous settings."""
+    before = torch.get_num_threads()
+    fbefore = faiss.omp_get_max_threads() if faiss is not None else None
+    torch.set_num_threads(1)
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if faiss is not None and fbefore is not None:
+            faiss.omp_set_num_threads(fbefore)
+
+
 def _sequential_labels(mask: Tensor, n_prot: Tensor, k_rest: Tensor) -> Tensor:
     """1-D pooling: the ``n - p`` unprotected vectors split into ``k`` runs of (almost) equal length."""
     n = mask.shape[1]
@@ -346,10 +364,18 @@ def _kmeans_labels(x: Tensor, mask: Tensor, n_prot: Tensor, k_rest: Tensor, seed
     from ...models import require
 
     faiss = require("faiss", "colbert")
-    b, n, d = x.shape
+    b, n, _ = x.shape
     lab = torch.full((b, n), -1, dtype=torch.long)
     nv = mask.sum(dim=1)
     xn = _unit(x).float().contiguous().numpy()
+    with _one_thread(faiss):
+        _kmeans_loop(faiss, xn, lab, nv, n_prot, k_rest, seed)
+    return lab
+
+
+def _kmeans_loop(faiss: Any, xn: np.ndarray, lab: Tensor, nv: Tensor, n_prot: Tensor, k_rest: Tensor,
+                 seed: int) -> None:
+    b, _, d = xn.shape
     for i in range(b):  # one clustering per document (faiss works on one point set at a time)
         p, m, k = int(n_prot[i]), int(nv[i]), int(k_rest[i])
         lab[i, :p] = torch.arange(p)
@@ -364,7 +390,6 @@ def _kmeans_labels(x: Tensor, mask: Tensor, n_prot: Tensor, k_rest: Tensor, seed
         km.train(pts)
         _, a = km.index.search(pts, 1)
         lab[i, p:m] = torch.from_numpy(a[:, 0].astype(np.int64)) + p
-    return lab
 
 
 def _ward_cosine_labels(x: Tensor, mask: Tensor, protected: int, k_rest: Tensor) -> Tensor:
@@ -389,7 +414,8 @@ def _ward_cosine_labels(x: Tensor, mask: Tensor, protected: int, k_rest: Tensor)
     steps = (nr - torch.minimum(k_rest.clamp(min=1), nr)).clamp(min=0)
     order = torch.argsort(steps, descending=True, stable=True)  # the merge loop wants most merges first
     parent = torch.empty(b, xr.shape[1], dtype=torch.long)
-    parent[order] = _ward_chunk(dist[order].contiguous(), mr[order], steps[order])
+    with _one_thread():
+        parent[order] = _ward_chunk(dist[order].contiguous(), mr[order], steps[order])
     return torch.cat([lab[:, :p], torch.where(mr, parent + p, torch.full_like(parent, -1))], dim=1)
 
 
@@ -417,7 +443,8 @@ def _pool_batch(spec: ReduceSpec, x: Tensor, mask: Tensor, counts: Tensor) -> tu
     k_rest = (counts - n_prot).clamp(min=0)
     if spec.method == "ward":
         rest = mask & (torch.arange(x.shape[1]).unsqueeze(0) >= n_prot.unsqueeze(1))
-        rl = ward_labels(x, k_rest.clamp(min=1), mask=rest, chunk_size=x.shape[0])
+        with _one_thread():
+            rl = ward_labels(x, k_rest.clamp(min=1), mask=rest, chunk_size=x.shape[0])
         pos = torch.arange(x.shape[1]).expand_as(rl)
         lab = torch.where(rest, rl + spec.protected, torch.where(mask, pos, torch.full_like(pos, -1)))
     elif spec.method == "ward_cosine":
