@@ -4,7 +4,7 @@
 
 An in-memory retriever over three documents, ``ContextualCompressionRetriever`` with
 :class:`unipruner.adapters.rag.langchain.UniprunerCompressor` (all-MiniLM-L6-v2 embedding
-scorer, 30 % of the tokens kept across the documents), and the pruned context per document with
+scorer, about half the tokens kept across the documents, whole sentences), and the pruned context per document with
 its metadata and scores.
 """
 
@@ -31,7 +31,7 @@ def main() -> None:
     store = InMemoryVectorStore(DeterministicFakeEmbedding(size=32))
     store.add_documents(DOCS)
     retriever = ContextualCompressionRetriever(
-        base_compressor=UniprunerCompressor(scorer="embedding", ratio=0.3),
+        base_compressor=UniprunerCompressor(scorer="embedding", ratio=0.5, strict=False),
         base_retriever=store.as_retriever(search_kwargs={"k": 3}),
     )
     question = "When was the Eiffel Tower completed?"
