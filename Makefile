@@ -10,7 +10,7 @@ PIP    := $(BIN)/python -m pip
 TORCH  ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test install install-dev lint typecheck bench clean
+.PHONY: demo test test-anchors install install-dev lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ typecheck: install-dev
 
 test: install-dev lint typecheck
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+
+# The anchor libraries need their own environments (timm needs torchvision, which breaks the CPU
+# torch build of .venv; PyLate pins sentence-transformers 5.3): each script builds its venv once.
+# PYLATE_STAGES adds "fast" (fast-plaid, a 5 GB CUDA torch 2.11 download) when wanted.
+PYLATE_STAGES ?= pylate pylate13
+test-anchors:
+	bash scripts/ci_timm.sh
+	STAGES="$(PYLATE_STAGES)" bash scripts/ci_pylate.sh
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/core.py

@@ -45,3 +45,32 @@ def test_demo_kv_section_answers_from_half_the_cache() -> None:
     assert result.exit_code == 0, result.output
     assert "snapkv 50%" in result.output and "1967" in result.output
     assert re.search(r"snapkv 50%.*\b(49|50|51)%", result.output)
+
+
+def test_demo_vit_section_merges_to_a_quarter_of_the_patches() -> None:
+    result = runner.invoke(app, ["demo", "--section", "vit"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "197 / 197 / 197" in result.output  # the unpatched row
+    assert re.search(r"tome\s.*\b50\b", result.output)  # 197 -> 50 tokens after block 12 at ratio 0.25
+
+
+def test_demo_rag_section_reports_the_achieved_budget_and_survival() -> None:
+    result = runner.invoke(app, ["demo", "--section", "rag"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert re.search(r"kept \d+/\d+ tokens \((2[45]\.\d)%", result.output), result.output
+    assert "survived:" in result.output
+
+
+def test_demo_every_adapter_has_a_section_and_unknown_sections_are_refused() -> None:
+    from unipruner.demo import SECTIONS
+
+    assert [name for name, _ in SECTIONS] == ["core", "kv", "vit", "rag", "colbert"]
+    bad = runner.invoke(app, ["demo", "--section", "vits"])
+    assert bad.exit_code == 2 and "unknown demo section" in bad.output and "'vit'" in bad.output
+
+
+def test_adapters_are_reachable_from_the_package_root() -> None:
+    import unipruner
+
+    assert callable(unipruner.kv.compress) and callable(unipruner.vit.patch)
+    assert callable(unipruner.rag.ContextPruner) and callable(unipruner.colbert.compress)

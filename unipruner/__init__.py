@@ -22,6 +22,9 @@ __version__ = "0.1.0"
 # its entry here when it lands (e.g. "vit": "unipruner.adapters.vit").
 _ADAPTERS: dict[str, str] = {
     "kv": "unipruner.adapters.kv_cache",
+    "vit": "unipruner.adapters.vit",
+    "rag": "unipruner.adapters.rag",
+    "colbert": "unipruner.adapters.colbert",
 }
 
 

@@ -68,6 +68,13 @@ def demo(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from .demo import run
 
+    try:  # the demo prints its own tables; weight-loading progress bars only add noise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
     console = Console()
     try:
         run(console, ratio=ratio, sections=section)

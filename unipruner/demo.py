@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._ops import cosine_matrix
+from .errors import UniprunerError
 from .methods import Reduced, method
 from .models import model_path, require
 
@@ -160,14 +161,46 @@ def _kv_section(console: Any, ratio: float) -> None:
     demo_section(console, 0.5)
 
 
+def _vit_section(console: Any, ratio: float) -> None:
+    """The ViT section: ToMe and EViT on a ViT-B/16, keeping ``ratio`` of the patches (issue #6)."""
+    from .adapters.vit import demo_section
+
+    demo_section(console, ratio)
+
+
+def _rag_section(console: Any, ratio: float) -> None:
+    """The RAG section: a HotpotQA question's paragraphs pruned to ``ratio`` of their tokens (issue #4)."""
+    from .adapters.rag import demo_section
+
+    demo_section(console, ratio)
+
+
+def _colbert_section(console: Any, ratio: float) -> None:
+    """The ColBERT section: a Cranfield token-vector index pooled and pruned (issue #5).
+
+    Index pruning beyond ~30% costs retrieval quality, so this section keeps 70% of the vectors
+    whatever ``ratio`` the other sections use.
+    """
+    from .adapters.colbert._demo import demo_section
+
+    demo_section(console, 0.7)
+
+
 SECTIONS: list[tuple[str, Callable[[Any, float], None]]] = [
     ("core", _core_section),
     ("kv", _kv_section),
+    ("vit", _vit_section),
+    ("rag", _rag_section),
+    ("colbert", _colbert_section),
 ]
 
 
 def run(console: Any, ratio: float = 0.25, sections: list[str] | None = None) -> None:
     """Run the demo sections (all by default) and print to a rich console."""
+    known = [name for name, _ in SECTIONS]
+    unknown = [name for name in sections or [] if name not in known]
+    if unknown:
+        raise UniprunerError(f"unknown demo section(s) {unknown}; choose from {known}")
     for name, fn in SECTIONS:
         if sections and name not in sections:
             continue
