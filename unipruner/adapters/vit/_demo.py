@@ -53,4 +53,4 @@ def demo_section(console: Any, ratio: float) -> None:
         table.add_row(label, f"{plan[0][1]} / {plan[5][1]} / {plan[11][1]}", f"{fl:.1f}", f"{dt:.2f}", f"{cos:.3f}")
     console.print(table)
     console.print("[dim]random weights: speed and FLOPs are real, the cosine only shows how far the "
-                  "representation moves; accuracy on a trained model is in docs/benchmarks_vit.md.[/]")
+                  "representation moves; accuracy on a trained model is in docs/benchmarks.md.[/]")
