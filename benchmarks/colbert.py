@@ -11,6 +11,9 @@ Parts (``--part``, default all):
 * ``scale``: time and peak memory (ru_maxrss of a fresh process) to compress synthetic raw indexes of 250k, 500k
   and 1M vectors (dim 128, float16) with Ward pool factor 2: memory stays flat because chunks are bounded.
 
+nDCG@10 uses Cleverdon's Cranfield codes as gains ``5 - code`` (1 = complete answer is the best): ``load_beir``
+detects them by the dataset's ``cranqrel.readme`` (numbers before that fix used the codes as gains, inverted).
+
 Run: ``python benchmarks/colbert.py`` (about 15 min on 2 cores; ``--part retention`` etc. for one part).
 Embeddings are encoded once and cached under ``benchmarks/results/cache/`` (ignored by git).
 """
@@ -96,13 +99,15 @@ def retention_part(data: BeirData, q: list[torch.Tensor], flat: torch.Tensor, le
     for r in (0.7, 0.5):
         for m in GLOBAL:
             runs.append((f"{m} (global)", ReduceSpec(m, ratio=r, protected=1, scope="global"), f"ratio {r:.2f}"))
-    # rows already measured by an interrupted run of this same command are reused (delete the file to start over)
+    # rows already measured by an interrupted run of this same command are reused (delete the file to start over);
+    # rows without the current qrels convention (e.g. from before the Cleverdon-grade fix) are measured again
     done_file = RESULTS / "colbert_retention_rows.jsonl"
     done: dict[str, dict[str, Any]] = {}
     if done_file.exists():
         for line in done_file.read_text().splitlines():
             row = json.loads(line)
-            done[f"{row['method']}|{row['budget']}"] = row
+            if row.get("grades") == data.grades:
+                done[f"{row['method']}|{row['budget']}"] = row
     for i, (label, spec, budget) in enumerate(runs):
         row = done.get(f"{label}|{budget}")
         if row is None:
@@ -113,7 +118,7 @@ def retention_part(data: BeirData, q: list[torch.Tensor], flat: torch.Tensor, le
             ev = evaluate_index(open_index(dst), data, q)
             row = {"method": label, "budget": budget, "kept": res.dst.n_vectors / res.src.n_vectors,
                    "nDCG@10": ev.ndcg10, "retention": ev.ndcg10 / base.ndcg10, "recall@100": ev.recall100,
-                   "MRR@10": ev.mrr10, "compress_s": sec}
+                   "MRR@10": ev.mrr10, "compress_s": sec, "grades": data.grades}
             with open(done_file, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             import shutil
