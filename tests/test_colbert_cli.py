@@ -168,5 +168,5 @@ def test_demo_section_runs_on_a_small_cranfield_subset(monkeypatch: pytest.Monke
     console = Console(record=True, width=160)
     _demo.demo_section(console, 0.5)
     text = console.export_text()
-    for needle in ("ward pool factor 2", "idf pruning, keep 50%", "nDCG@10", f"{len(small.doc_ids)} documents"):
+    for needle in ("ward_cosine pool factor 2", "idf pruning, keep 50%", "nDCG@10", f"{len(small.doc_ids)} documents"):
         assert needle in text
