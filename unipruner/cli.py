@@ -66,7 +66,6 @@ def demo(
     """Run the main job on the bundled offline models."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader has its own tqdm bar
     from .demo import run
 
     try:  # the demo prints its own tables; weight-loading progress bars only add noise
