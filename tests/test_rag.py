@@ -17,10 +17,12 @@ from unipruner.adapters.rag import (
     ContextPruner,
     EmbeddingScorer,
     FocalAttentionScorer,
+    HybridScorer,
     RandomScorer,
     SelfInformationScorer,
     TokenCounter,
     aggregate_spans,
+    rrf,
     split_sentences,
     split_units,
     unit_spans,
@@ -133,6 +135,90 @@ def test_embedding_scorer_token_granularity(minilm: EmbeddingScorer) -> None:
     assert sc.shape == (len(words),)
     best = {words[i] for i in torch.topk(sc, 2).indices.tolist()}
     assert best == {"Eiffel", "Tower"}
+
+
+def test_embedding_prune_is_one_batched_forward(minilm: EmbeddingScorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Units, documents and the query of one prune go through one encode call; a feedback
+    round on the same documents encodes only the expanded query (token states are cached)."""
+    calls: list[int] = []
+    real = EmbeddingScorer.encode_tokens
+
+    def counting(self: EmbeddingScorer, texts: list[str]) -> object:
+        calls.append(len(texts))
+        return real(self, texts)
+
+    monkeypatch.setattr(EmbeddingScorer, "encode_tokens", counting)
+    n_units = sum(len(unit_spans(d["text"])) for d in DOCS)
+    for pooling, n_texts in (("sentence", 1 + n_units), ("late", 1 + len(DOCS))):
+        scorer = EmbeddingScorer(model=minilm._model(), pooling=pooling)
+        calls.clear()
+        ContextPruner(scorer, Budget(ratio=0.5)).prune(QUERY, DOCS)
+        assert calls == [n_texts]
+        calls.clear()
+        ContextPruner(scorer, Budget(ratio=0.5), feedback=1).prune("Who built it?", DOCS)
+        assert calls == [1, 1]  # cached texts: the query, then the expanded query
+
+
+def test_embedding_document_scores_and_late_pooling(minilm: EmbeddingScorer) -> None:
+    texts = [d["text"] for d in DOCS]
+    spans = [unit_spans(t) for t in texts]
+    units, docs = minilm.score_with_documents(QUERY, texts, spans)
+    assert docs.shape == (len(texts),) and int(docs.argmax()) == 2
+    # a document's embedding is the token-weighted mean of its units' token states
+    m = minilm._model()
+    enc = [m.encode([t[s:e].strip() for s, e in sp], output_value="token_embeddings") for t, sp in zip(texts, spans,
+                                                                                                   strict=True)]
+    q = torch.as_tensor(m.encode([QUERY]))
+    ref = torch.stack([torch.cat([torch.as_tensor(x) for x in e]).mean(0) for e in enc])
+    assert torch.allclose(docs, torch.nn.functional.cosine_similarity(ref, q), atol=1e-4)
+    late = EmbeddingScorer(model=m, pooling="late")
+    got = torch.cat(late.score(QUERY, texts, spans))
+    assert got.shape == torch.cat(units).shape
+    assert [t[s:e] for t, sp in zip(texts, spans, strict=True) for s, e in sp][int(got.argmax())].startswith(
+        "The Eiffel Tower")
+    # a document longer than the model's window is encoded in windows, every unit gets a score
+    long = " ".join(f"Sentence number {i} talks about topic {i}." for i in range(120))
+    sp = unit_spans(long)
+    sc = late.score("topic 7", [long], [sp])[0]
+    assert sc.shape == (len(sp),) and torch.isfinite(sc).all()
+    with pytest.raises(UniprunerError, match="pooling"):
+        EmbeddingScorer(pooling="max")
+
+
+def test_rrf_matches_hand_computation() -> None:
+    a = torch.tensor([0.3, 0.9, 0.1, 0.5])  # ranks 3, 1, 4, 2
+    b = torch.tensor([2.0, 1.0, 3.0, 0.0])  # ranks 2, 3, 1, 4
+    ref = torch.tensor([1 / 63 + 1 / 62, 1 / 61 + 1 / 63, 1 / 64 + 1 / 61, 1 / 62 + 1 / 64])
+    assert torch.allclose(rrf([a, b]), ref, atol=1e-7)
+    assert torch.allclose(rrf([a, b], k=0.0), torch.tensor([1 / 3 + 1 / 2, 1 + 1 / 3, 1 / 4 + 1, 1 / 2 + 1 / 4]))
+    with pytest.raises(UniprunerError, match="same length"):
+        rrf([a, b[:2]])
+
+
+def test_hybrid_scorer_fuses_bm25_and_embedding_ranks(minilm: EmbeddingScorer) -> None:
+    texts = [d["text"] for d in DOCS]
+    spans = [unit_spans(t) for t in texts]
+    hyb = HybridScorer(dense=minilm)
+    got = torch.cat(hyb.score(QUERY, texts, spans))
+    lex = torch.cat(BM25Scorer().score(QUERY, texts, spans))
+    den = torch.cat(minilm.score(QUERY, texts, spans))
+    assert torch.allclose(got, rrf([lex, den]))
+    units, docs = hyb.score_with_documents(QUERY, texts, spans)
+    assert torch.allclose(torch.cat(units), got)
+    ld = torch.cat(BM25Scorer().score(QUERY, texts, [[(0, len(t))] for t in texts]))
+    assert torch.allclose(docs, rrf([ld, minilm.score_with_documents(QUERY, texts, spans)[1]]))
+    r = ContextPruner("hybrid", Budget(ratio=0.3)).prune(QUERY, DOCS)
+    assert "1889" in r.text() and r.stats.scorer == "hybrid"
+
+
+def test_lead_weight_promotes_first_units() -> None:
+    base = ContextPruner("bm25", Budget(ratio=0.5)).score(QUERY, DOCS)
+    lead = ContextPruner("bm25", Budget(ratio=0.5), lead_weight=10.0).score(QUERY, DOCS)
+    firsts = [float(s[0]) for s in lead.scores]
+    rest = [float(x) for s in lead.scores for x in s[1:]]
+    assert min(firsts) > max(rest)
+    assert torch.equal(torch.argsort(-torch.cat([s[1:] for s in base.scores])),
+                       torch.argsort(-torch.cat([s[1:] for s in lead.scores])))
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +377,7 @@ def test_granularities_and_random_baseline() -> None:
     ({"scorer": 3}, "scorer must be"),
     ({"context_weight": 2.0}, "context_weight"),
     ({"feedback": -1}, "feedback"),
+    ({"lead_weight": -1.0}, "lead_weight"),
 ])
 def test_bad_settings(kwargs: dict[str, object], match: str) -> None:
     kw = {"scorer": "bm25", **kwargs}

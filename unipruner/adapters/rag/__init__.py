@@ -31,11 +31,13 @@ from ._scorers import (
     BM25Scorer,
     EmbeddingScorer,
     FocalAttentionScorer,
+    HybridScorer,
     RandomScorer,
     Scorer,
     SelfInformationScorer,
     aggregate_spans,
     make_scorer,
+    rrf,
 )
 from ._split import split_sentences, split_units, unit_spans
 
@@ -44,6 +46,7 @@ __all__ = [
     "ContextPruner",
     "EmbeddingScorer",
     "FocalAttentionScorer",
+    "HybridScorer",
     "PruneResult",
     "PruneStats",
     "PrunedDocument",
@@ -55,6 +58,7 @@ __all__ = [
     "aggregate_spans",
     "demo_section",
     "make_scorer",
+    "rrf",
     "split_sentences",
     "split_units",
     "unit_spans",

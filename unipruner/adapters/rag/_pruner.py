@@ -268,7 +268,8 @@ class ContextPruner:
     def __init__(self, scorer: str | Scorer = "embedding", budget: Budget | float | int | None = None, *,
                  granularity: str = "sentence", scope: str = "global", diversity: float | None = None,
                  keep_order: bool = True, force_keep: Sequence[str] = (), strict: bool = True,
-                 tokenizer: Any = None, context_weight: float = 0.5, feedback: int = 0) -> None:
+                 tokenizer: Any = None, context_weight: float = 0.5, feedback: int = 0,
+                 lead_weight: float = 0.0) -> None:
         self.scorer = make_scorer(scorer)
         self.budget = Budget(ratio=0.25) if budget is None else Budget.coerce(budget)
         if self.budget.ratio is not None and self.budget.ratio <= 0:
@@ -293,6 +294,10 @@ class ContextPruner:
             raise UniprunerError(f"context_weight must be in [0, 1], got {context_weight!r}")
         if isinstance(feedback, bool) or not isinstance(feedback, int) or feedback < 0:
             raise UniprunerError(f"feedback is a number of units (int >= 0), got {feedback!r}")
+        if isinstance(lead_weight, bool) or not isinstance(lead_weight, (int, float)) or not (
+                0.0 <= float(lead_weight) <= 10.0):
+            raise UniprunerError(f"lead_weight must be in [0, 10], got {lead_weight!r}")
+        self.lead_weight = float(lead_weight)
         self.context_weight = float(context_weight)
         self.feedback = feedback
         self.granularity = granularity
@@ -324,6 +329,10 @@ class ContextPruner:
             top = torch.argsort(-flat, stable=True)[: self.feedback].tolist()
             expanded = " ".join([query.strip(), *(units[i].strip() for i in top)])
             flat = 0.5 * (_standardise(flat) + _standardise(self._score_once(expanded, texts, spans, lengths)))
+        if self.lead_weight:
+            first = torch.zeros_like(flat)
+            first[torch.cumsum(torch.tensor([0] + [len(sp) for sp in spans[:-1]]), 0)] = 1.0
+            flat = _standardise(flat) + self.lead_weight * first
         dt = time.perf_counter() - t0
         scores = list(torch.split(flat, [len(sp) for sp in spans]))
         protected = [torch.tensor([any(p.search(t[s:e]) for p in self.force_keep) for s, e in sp], dtype=torch.bool)
@@ -348,22 +357,33 @@ class ContextPruner:
         return self.select(self.score(query, documents), budget)
 
     def _raw(self, query: str, texts: list[str], spans: list[list[tuple[int, int]]]) -> Tensor:
-        scores = self.scorer.score(query, texts, spans)
-        if len(scores) != len(texts) or any(s.shape != (len(sp),) for s, sp in zip(scores, spans, strict=True)):
+        return self._check(self.scorer.score(query, texts, spans), spans)
+
+    def _check(self, scores: Sequence[Tensor], spans: list[list[tuple[int, int]]]) -> Tensor:
+        if len(scores) != len(spans) or any(s.shape != (len(sp),) for s, sp in zip(scores, spans, strict=True)):
             raise UniprunerError(f"scorer {self.scorer.name!r} returned scores of the wrong shape")
         flat = torch.cat([s.detach().float().cpu() for s in scores])
         return torch.nan_to_num(flat, nan=-1e30, neginf=-1e30, posinf=1e30)
 
     def _score_once(self, query: str, texts: list[str], spans: list[list[tuple[int, int]]],
                     lengths: list[Tensor]) -> Tensor:
-        unit = self._raw(query, texts, spans)
         w = self.context_weight
+        both = getattr(self.scorer, "score_with_documents", None)
+        doc: Tensor | None = None
+        if w > 0.0 and both is not None and self.granularity != "token":
+            unit_l, doc = both(query, texts, spans)  # one forward pass for units and documents
+            unit = self._check(unit_l, spans)
+            if doc.shape != (len(texts),):
+                raise UniprunerError(f"scorer {self.scorer.name!r} returned document scores of the wrong shape")
+            doc = torch.nan_to_num(doc.detach().float().cpu(), nan=-1e30, neginf=-1e30, posinf=1e30)
+        else:
+            unit = self._raw(query, texts, spans)
         if w == 0.0:
             return unit
         sizes = torch.tensor([len(sp) for sp in spans], dtype=torch.long)
-        if getattr(self.scorer, "whole_documents", False):
+        if doc is None and getattr(self.scorer, "whole_documents", False):
             doc = self._raw(query, texts, [[(0, len(t))] for t in texts])
-        else:
+        elif doc is None:
             ln = torch.cat(lengths).float()
             owner = torch.repeat_interleave(torch.arange(len(texts)), sizes)
             num = torch.zeros(len(texts)).index_add_(0, owner, unit * ln)

@@ -17,6 +17,7 @@ import math
 import re
 import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
@@ -32,11 +33,13 @@ __all__ = [
     "BM25Scorer",
     "EmbeddingScorer",
     "FocalAttentionScorer",
+    "HybridScorer",
     "RandomScorer",
     "Scorer",
     "SelfInformationScorer",
     "aggregate_spans",
     "make_scorer",
+    "rrf",
 ]
 
 Spans = Sequence[Sequence[tuple[int, int]]]
@@ -127,15 +130,50 @@ def _shared_smollm2() -> tuple[Any, Any]:
     return load_smollm2()
 
 
+def _specials(tok: Any) -> tuple[list[int], list[int]]:
+    """The special token ids a tokenizer puts before and after a text (e.g. ``[CLS]``, ``[SEP]``)."""
+    plain = list(tok("a", add_special_tokens=False)["input_ids"])
+    full = list(tok("a", add_special_tokens=True)["input_ids"])
+    for p in range(len(full) - len(plain) + 1):
+        if full[p:p + len(plain)] == plain:
+            return full[:p], full[p + len(plain):]
+    return [], []
+
+
+def _pool_spans(states: Tensor, offsets: Tensor, spans: Tensor, fallback: Tensor) -> Tensor:
+    """Mean of the token states whose first character lies in each span (``fallback`` if none)."""
+    n = spans.shape[0]
+    unit = torch.searchsorted(spans[:, 0].contiguous(), offsets[:, 0].contiguous(), right=True) - 1
+    ok = (unit >= 0) & (offsets[:, 0] < spans[unit.clamp(min=0), 1])
+    unit, st = unit[ok], states[ok]
+    sums = torch.zeros(n, states.shape[1]).index_add_(0, unit, st)
+    count = torch.zeros(n).index_add_(0, unit, torch.ones(unit.shape[0]))
+    return torch.where(count[:, None] > 0, sums / count.clamp(min=1)[:, None], fallback[None])
+
+
 @dataclass
 class EmbeddingScorer:
     """Cosine similarity of each unit to the query under a sentence-transformers model.
 
     The query-similarity scorer of RAG context pruning / Recoverable Compression (Chen et al.,
-    2024), computed by :func:`unipruner.scorers.importance.query_similarity`. Sentences and
-    chunks are embedded whole (mean pooling, as the model was trained); words
-    (``granularity="token"``) are scored by their best word-piece's contextual embedding,
-    computed sentence by sentence.
+    2024), computed by :func:`unipruner.scorers.importance.query_similarity`.
+
+    One prune is one batched forward pass (:meth:`encode_tokens`): the query and every text are
+    tokenised once, sorted by length and run through the transformer in small batches (little
+    padding) under ``torch.inference_mode``; embeddings are mean-pooled from the token states.
+
+    * ``pooling="sentence"`` (default): each unit is encoded on its own, exactly the
+      sentence-transformers embedding of the unit (mean pooling); a document's embedding is the
+      mean of its units' token states.
+    * ``pooling="late"``: each *document* is encoded once and a unit is the mean of its own
+      tokens' contextual states ("late chunking", Günther et al., "Late Chunking: Contextual
+      Chunk Embeddings Using Long-Context Embedding Models", 2024), so a sentence that says "he"
+      is embedded with its paragraph's context; documents longer than the model's
+      ``max_seq_length`` are encoded in consecutive windows.
+
+    Token states of the texts do not depend on the query, so they are cached for the last set of
+    texts: re-scoring the same documents with another query (``feedback``) encodes only the query.
+    Words (``granularity="token"``) score their best word-piece's contextual embedding.
 
     Parameters
     ----------
@@ -143,7 +181,14 @@ class EmbeddingScorer:
         Default: the packaged all-MiniLM-L6-v2 (``unipruner.models.load_minilm``), loaded once
         per process and shared.
     batch_size : int
+        Sequences per forward batch (sorted by length, so padding stays small).
     device : str
+    pooling : {"sentence", "late"}
+    dtype : {"float32", "bfloat16"}
+        ``"bfloat16"`` runs the forward under CPU autocast (faster on CPUs with AVX512-BF16/AMX).
+    threads : int, optional
+        Torch intra-op threads during the forward (restored afterwards). On a loaded machine one
+        thread is several times faster than two (threads wait for each other at every op).
 
     Examples
     --------
@@ -155,37 +200,135 @@ class EmbeddingScorer:
     """
 
     model: Any = None
-    batch_size: int = 64
+    batch_size: int = 8
     device: str = "cpu"
     name: str = "embedding"
     whole_documents: bool = True
     token_level: bool = field(default=False, repr=False)
+    pooling: str = "sentence"
+    dtype: str = "float32"
+    threads: int | None = None
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("sentence", "late"):
+            raise UniprunerError(f"pooling must be 'sentence' or 'late', got {self.pooling!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UniprunerError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
     def _model(self) -> Any:
         if self.model is None:
             self.model = _shared_minilm(self.device)
         return self.model
 
-    def embed(self, texts: Sequence[str]) -> Tensor:
-        """Sentence embeddings ``[len(texts), D]`` (float32, not normalised)."""
+    # ---------------------------------------------------------------- one batched forward
+    def encode_tokens(self, texts: Sequence[str]) -> list[tuple[Tensor, Tensor]]:
+        """Token states of each text in one batched pass: ``(states [T, D], offsets [T, 2])``.
+
+        ``states`` includes the special tokens of each window (their offsets are ``(0, 0)``), so
+        the mean over all rows of a short text is its sentence-transformers mean-pooled
+        embedding. Sequences are sorted by length and batched ``batch_size`` at a time.
+        """
         model = self._model()
-        with torch.inference_mode():
-            emb = model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
-                               show_progress_bar=False)
-        return emb.float().cpu()
+        tok = model.tokenizer
+        net = model[0].auto_model
+        width = max(8, int(model.max_seq_length) - sum(map(len, _specials(tok))))
+        enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        pieces: list[tuple[int, list[int], list[tuple[int, int]]]] = []  # (text, ids, offsets)
+        for i, (ids, off) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], strict=True)):
+            for s in range(0, max(len(ids), 1), width):
+                pieces.append((i, list(ids[s:s + width]), [tuple(o) for o in off[s:s + width]]))
+        head, tail = _specials(tok)
+        built = [head + ids + tail for _, ids, _ in pieces]
+        order = sorted(range(len(pieces)), key=lambda j: len(built[j]))
+        states: list[Tensor | None] = [None] * len(pieces)
+        pad = tok.pad_token_id or 0
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
+        old = torch.get_num_threads()
+        with self._lock, torch.inference_mode(), ctx:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                for b in range(0, len(order), self.batch_size):
+                    idx = order[b:b + self.batch_size]
+                    n = max(len(built[j]) for j in idx)
+                    ids_t = torch.full((len(idx), n), pad, dtype=torch.long)
+                    mask = torch.zeros((len(idx), n), dtype=torch.long)
+                    for r, j in enumerate(idx):
+                        ids_t[r, : len(built[j])] = torch.tensor(built[j])
+                        mask[r, : len(built[j])] = 1
+                    out = net(input_ids=ids_t.to(net.device), attention_mask=mask.to(net.device))
+                    h = out.last_hidden_state.float().cpu()
+                    for r, j in enumerate(idx):
+                        states[j] = h[r, : len(built[j])]
+            finally:
+                if self.threads:
+                    torch.set_num_threads(old)
+        result: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in texts]
+        for j, (i, ids, off) in enumerate(pieces):
+            st = states[j]
+            assert st is not None
+            lead = len(head)
+            o = torch.zeros(st.shape[0], 2, dtype=torch.long)
+            if ids:
+                o[lead: lead + len(ids)] = torch.tensor(off, dtype=torch.long)
+            result[i][0].append(st)
+            result[i][1].append(o)
+        return [(torch.cat(s), torch.cat(o)) for s, o in result]
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Sentence embeddings ``[len(texts), D]`` (mean pooling, float32, not normalised)."""
+        return torch.stack([st.mean(dim=0) for st, _ in self.encode_tokens(texts)])
+
+    # ---------------------------------------------------------------- scoring
+    def _unit_doc_embeddings(self, query: str, texts: Sequence[str], spans: Spans) -> tuple[Tensor, Tensor, Tensor]:
+        """``(query [1, D], units [U, D], documents [N, D])``, one forward pass (cached texts)."""
+        key = (self.pooling, tuple(texts), tuple(tuple(s) for s in spans))
+        cached = self._cache.get(key)
+        if cached is None:
+            if self.pooling == "sentence":
+                units = [texts[d][s:e].strip() or texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+                enc = self.encode_tokens([query, *units])
+                q = enc[0][0].mean(dim=0)[None]
+                sums = torch.stack([st.sum(dim=0) for st, _ in enc[1:]])
+                counts = torch.tensor([float(st.shape[0]) for st, _ in enc[1:]])
+                u_emb = sums / counts[:, None]
+                owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(s) for s in spans]))
+                d_emb = torch.zeros(len(texts), sums.shape[1]).index_add_(0, owner, sums)
+                d_emb = d_emb / torch.zeros(len(texts)).index_add_(0, owner, counts).clamp(min=1)[:, None]
+            else:
+                enc = self.encode_tokens([query, *texts])
+                q = enc[0][0].mean(dim=0)[None]
+                u_list, d_list = [], []
+                for d, (st, off) in enumerate(enc[1:]):
+                    content = off[:, 1] > off[:, 0]
+                    us = _span_tensor(spans[d])
+                    u_list.append(_pool_spans(st[content], off[content], us, fallback=st.mean(dim=0)))
+                    d_list.append(st.mean(dim=0))
+                u_emb, d_emb = torch.cat(u_list), torch.stack(d_list)
+            self._cache.clear()
+            self._cache[key] = (u_emb, d_emb)
+            return q, u_emb, d_emb
+        return self.embed([query]), cached[0], cached[1]
+
+    def score_with_documents(self, query: str, texts: Sequence[str], spans: Spans) -> tuple[list[Tensor], Tensor]:
+        """Unit scores (as :meth:`score`) and one score per whole document, from one forward."""
+        _check_texts(query, texts, spans)
+        q, u_emb, d_emb = self._unit_doc_embeddings(query, texts, spans)
+        sims = query_similarity(u_emb[None], q)[0] if u_emb.numel() else torch.zeros(0)
+        return list(torch.split(sims, [len(s) for s in spans])), query_similarity(d_emb[None], q)[0]
 
     def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
         """Cosine to the query per unit; see the class docstring."""
         _check_texts(query, texts, spans)
-        units = [texts[d][s:e].strip() or texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+        units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
         if not units:
             return [torch.zeros(0) for _ in texts]
         is_words = all(len(u.split()) <= 1 for u in units) and len(units) > len(texts)
         if self.token_level or is_words:
             return self._score_words(query, texts, spans)
-        emb = self.embed([query, *units])
-        sims = query_similarity(emb[None, 1:], emb[None, :1])[0]
-        return list(torch.split(sims, [len(s) for s in spans]))
+        return self.score_with_documents(query, texts, spans)[0]
 
     def _score_words(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
         from ._split import unit_spans
@@ -295,6 +438,83 @@ class RandomScorer:
         total = sum(len(s) for s in spans)
         sc = random_scores(1, max(total, 1), generator=g)[0, :total]
         return list(torch.split(sc, [len(s) for s in spans]))
+
+
+def rrf(rankings: Sequence[Tensor], k: float = 60.0) -> Tensor:
+    """Reciprocal-rank fusion of several score vectors over the same items.
+
+    Cormack, Clarke & Büttcher, "Reciprocal Rank Fusion outperforms Condorcet and individual
+    Rank Learning Methods", SIGIR 2009: ``rrf(i) = sum_s 1 / (k + rank_s(i))`` with ranks from 1
+    (highest score first; ties keep the earlier item first), ``k = 60``.
+
+    >>> rrf([torch.tensor([3.0, 1.0, 2.0]), torch.tensor([0.1, 0.9, 0.5])], k=1.0)
+    tensor([0.7500, 0.7500, 0.6667])
+    """
+    if not rankings:
+        raise UniprunerError("rrf needs at least one score vector")
+    n = rankings[0].numel()
+    out = torch.zeros(n, dtype=torch.float32)
+    for sc in rankings:
+        if sc.numel() != n:
+            raise UniprunerError("rrf: every score vector must have the same length")
+        order = torch.argsort(-sc.float(), stable=True)
+        rank = torch.empty(n, dtype=torch.float32)
+        rank[order] = torch.arange(1, n + 1, dtype=torch.float32)
+        out += 1.0 / (k + rank)
+    return out
+
+
+@dataclass
+class HybridScorer:
+    """Lexical + dense: BM25 and embedding similarity fused by reciprocal rank (:func:`rrf`).
+
+    Hybrid sparse-dense ranking with reciprocal-rank fusion (Cormack et al., SIGIR 2009), the
+    usual way to combine BM25 with a dense retriever (e.g. Ma et al., "A Replication Study of
+    Dense Passage Retriever", 2021): exact entity matches from BM25, paraphrases from the
+    embedding. Units are ranked among the query's units, whole documents among its documents;
+    one embedding forward pass per call.
+
+    Parameters
+    ----------
+    lexical, dense : Scorer, optional
+        Default :class:`BM25Scorer` and :class:`EmbeddingScorer`.
+    k : float
+        RRF's constant (60 in the paper).
+    """
+
+    lexical: Any = None
+    dense: Any = None
+    k: float = 60.0
+    name: str = "hybrid"
+    whole_documents: bool = True
+
+    def __post_init__(self) -> None:
+        self.lexical = BM25Scorer() if self.lexical is None else self.lexical
+        self.dense = EmbeddingScorer() if self.dense is None else self.dense
+
+    def _doc_scores(self, scorer: Any, query: str, texts: Sequence[str], spans: Spans) -> tuple[Tensor, Tensor]:
+        both = getattr(scorer, "score_with_documents", None)
+        if both is not None:
+            u, d = both(query, texts, spans)
+            return torch.cat(u) if u else torch.zeros(0), d
+        u = scorer.score(query, texts, spans)
+        d = scorer.score(query, texts, [[(0, len(t))] for t in texts])
+        return torch.cat(u) if u else torch.zeros(0), torch.cat(d)
+
+    def score_with_documents(self, query: str, texts: Sequence[str], spans: Spans) -> tuple[list[Tensor], Tensor]:
+        """Fused unit scores and fused whole-document scores."""
+        _check_texts(query, texts, spans)
+        lu, ld = self._doc_scores(self.lexical, query, texts, spans)
+        du, dd = self._doc_scores(self.dense, query, texts, spans)
+        units = rrf([lu, du], self.k)
+        return list(torch.split(units, [len(s) for s in spans])), rrf([ld, dd], self.k)
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """Fused unit scores; see the class docstring."""
+        _check_texts(query, texts, spans)
+        lu = torch.cat(self.lexical.score(query, texts, spans))
+        du = torch.cat(self.dense.score(query, texts, spans))
+        return list(torch.split(rrf([lu, du], self.k), [len(s) for s in spans]))
 
 
 # ----------------------------------------------------------------------------- causal LM
@@ -477,13 +697,14 @@ _SCORERS: dict[str, type] = {
     "focal_attention": FocalAttentionScorer,
     "self_information": SelfInformationScorer,
     "bm25": BM25Scorer,
+    "hybrid": HybridScorer,
     "random": RandomScorer,
 }
 
 
 def make_scorer(scorer: str | Scorer) -> Scorer:
     """A scorer from its name (``embedding``, ``focal_attention``, ``self_information``, ``bm25``,
-    ``random``) or the scorer itself.
+    ``hybrid``, ``random``) or the scorer itself.
 
     >>> make_scorer("bm25").name
     'bm25'
