@@ -13,25 +13,36 @@
 3. ``kv_cost`` — prefill time, decode tokens/s, peak RSS growth and cache bytes at batch 1 and 8,
    as ratios to the uncompressed model in the same process.
 
+4. ``kv_overhead`` — time overhead of SnapKV, StreamingLLM, TOVA and KNorm at ratio 0.5 as a ratio
+   within this process: (prefill under ``kv.compress``) / (plain prefill), batch 1, on the token ids of
+   the 1,024-token passkey prompts of ``kv_prompts.json``, interleaved rounds (plain, method, plain,
+   method, ...; ``--rounds``, default 5, after a warm-up round), min over rounds of the wall and the
+   process CPU time. ``kvpress_side.py --overhead`` measures kvpress's presses the same way in its own
+   venv; when its ``kvpress_overhead.json`` exists both are printed side by side (``kv_overhead_vs_kvpress``).
+
 Also writes ``benchmarks/results/kv_prompts.json`` (the exact prompts, for ``kvpress_side.py``) and,
 when ``benchmarks/results/kvpress_side.json`` exists, prints kvpress's accuracy next to ours and the
 overlap of kept token sets per layer and KV head (``--part compare``).
 
 Run: ``python benchmarks/kv_cache.py`` (``--quick`` for a 2-minute smoke run; ``--part passkey|long|ppl|cost|
-compare|plot``). Defaults are sized for a loaded 2-core CPU (about 30 min with the kvpress side): the grid at
-1,024 tokens and depths 0/50/100 %, the 2k/4k sweep at ratio 0.5 only, perplexity on 1,024 + 128 tokens,
-cost at 512 tokens. ``torch.set_num_threads(1)`` by default (``--threads``).
+compare|plot|overhead``; ``all`` leaves out ``overhead``, about 7 min on its own). Defaults are sized for a
+loaded 2-core CPU (about 30 min with the kvpress side): the grid at 1,024 tokens and depths 0/50/100 %, the
+2k/4k sweep at ratio 0.5 only, perplexity on 1,024 + 128 tokens, cost at 512 tokens.
+``torch.set_num_threads(1)`` by default (``--threads``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import os
 import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +275,120 @@ def run_cost(model: Any, tok: Any, length: int, batches: list[int], n_new: int, 
     return rep
 
 
+# ------------------------------------------------------------------------------------ time overhead
+
+OVERHEAD_METHODS = ("snapkv", "streamingllm", "tova", "knorm")
+
+
+def _clock(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``fn()`` (garbage collected before, outside the clock)."""
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _paired(s: dict[str, list[list[tuple[float, float]]]], r: int) -> float:
+    """Round ``r``'s method wall time / its plain wall time, summed over prompts."""
+    return sum(x[r][0] for x in s["method"]) / sum(x[r][0] for x in s["plain"])
+
+
+def interleaved_overhead(plain: Callable[[torch.Tensor], Any], methods: dict[str, Callable[[torch.Tensor], Any]],
+                         prompts: list[torch.Tensor], rounds: int, warmup: int = 1) -> dict[str, Any]:
+    """(method prefill) / (plain prefill) per method, plain and method interleaved.
+
+    Each round runs, for every prompt and method, a plain prefill then the method's prefill. Per
+    method: ``wall`` = sum over prompts of the min-over-rounds method wall time / the same for the
+    plain prefills run just before it (``cpu`` likewise with process CPU time); ``wall_median`` = the
+    median over rounds of the per-round paired ratio. ``noise`` = spread of the identical plain series
+    (max / min - 1 of their min-over-rounds sums): differences below it are not resolved.
+    (The same function is in ``kvpress_side.py``: the two scripts run in different venvs.)
+    """
+    samples: dict[str, dict[str, list[list[tuple[float, float]]]]] = {
+        m: {"plain": [[] for _ in prompts], "method": [[] for _ in prompts]} for m in methods}
+    for r in range(warmup + rounds):
+        for i, ids in enumerate(prompts):
+            for name, fn in methods.items():
+                a = _clock(lambda ids=ids: plain(ids))
+                b = _clock(lambda ids=ids, fn=fn: fn(ids))
+                if r >= warmup:
+                    samples[name]["plain"][i].append(a)
+                    samples[name]["method"][i].append(b)
+        if r >= warmup:
+            print(f"  round {r - warmup + 1}/{rounds}: "
+                  + "  ".join(f"{m} x{_paired(s, r - warmup):.3f}" for m, s in samples.items()), flush=True)
+    out: dict[str, Any] = {}
+    plain_min: dict[str, float] = {}
+    for name, s in samples.items():
+        def best(kind: str, k: int, s: dict[str, list[list[tuple[float, float]]]] = s) -> float:
+            return sum(min(x[k] for x in per) for per in s[kind])
+        paired = sorted(_paired(s, r) for r in range(rounds))
+        plain_min[name] = best("plain", 0)
+        out[name] = {"wall": best("method", 0) / best("plain", 0), "cpu": best("method", 1) / best("plain", 1),
+                     "wall_median": paired[len(paired) // 2], "plain_s": best("plain", 0),
+                     "method_s": best("method", 0), "plain_cpu_s": best("plain", 1), "method_cpu_s": best("method", 1)}
+    noise = max(plain_min.values()) / min(plain_min.values()) - 1
+    return {"methods": out, "noise": noise, "rounds": rounds, "warmup": warmup, "prompts": len(prompts),
+            "tokens": [int(p.shape[1]) for p in prompts],
+            "ids_sha1": hashlib.sha1(json.dumps([p[0].tolist() for p in prompts]).encode()).hexdigest()}
+
+
+def run_overhead(model: Any, tok: Any, prompts: list[dict[str, Any]], rounds: int, ratio: float = 0.5
+                 ) -> tuple[Report, dict[str, Any]]:
+    """Our time overhead per method (see ``interleaved_overhead``), on each prompt's context at batch 1."""
+    from transformers import DynamicCache
+
+    # the token ids kvpress_side.py feeds (add_special_tokens=False; 5.24's tokenizer adds none anyway)
+    ids = [torch.tensor([tok(p["context"], add_special_tokens=False)["input_ids"]]) for p in prompts]
+
+    def plain(x: torch.Tensor) -> Any:
+        return model(x, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+
+    def with_method(name: str) -> Callable[[torch.Tensor], Any]:
+        def run(x: torch.Tensor) -> Any:
+            with kv.compress(model, name, ratio) as h:
+                return model(x, cache=h.new_cache(), use_cache=True, logits_to_keep=1)
+        return run
+
+    with torch.inference_mode():
+        res = interleaved_overhead(plain, {m: with_method(m) for m in OVERHEAD_METHODS}, ids, rounds)
+    rep = Report("kv_overhead", ["method", "wall x", "CPU x", "wall x (median)", "plain s", "method s"])
+    for name, r in res["methods"].items():
+        rep.add(method=name, **{"wall x": r["wall"], "CPU x": r["cpu"], "wall x (median)": r["wall_median"],
+                "plain s": r["plain_s"], "method s": r["method_s"]})
+    rep.notes.append(f"prefill only, batch 1, ratio {ratio} kept, {len(ids)} prompts of {res['tokens']} tokens "
+                     f"(ids sha1 {res['ids_sha1'][:12]}), {rounds} interleaved rounds after a warm-up; x = sum over "
+                     "prompts of min-over-rounds time with the method / the same for the plain prefill run just "
+                     f"before it; plain/plain spread (noise) {res['noise']:.3f}; threads {torch.get_num_threads()}")
+    return rep, res
+
+
+def compare_overhead(ours: dict[str, Any], theirs: dict[str, Any]) -> Report:
+    """Side by side: our overhead ratios vs kvpress's, each measured within its own process."""
+    rep = Report("kv_overhead_vs_kvpress", ["method", "ours wall x", "ours CPU x", "kvpress wall x",
+                                            "kvpress CPU x", "verdict"])
+    noise = max(ours["noise"], theirs["noise"])
+    for name, o in ours["methods"].items():
+        t = theirs["methods"].get(name)
+        if t is None:
+            continue
+        worse = max(o["wall"] - t["wall"], o["cpu"] - t["cpu"])
+        verdict = ("met" if worse <= 0 else f"within noise (+{worse:.3f})" if worse <= noise
+                   else f"missed (+{worse:.3f})")
+        rep.add(method=name, **{"ours wall x": o["wall"], "ours CPU x": o["cpu"], "kvpress wall x": t["wall"],
+                "kvpress CPU x": t["cpu"], "verdict": verdict})
+    same = ours["ids_sha1"] == theirs["ids_sha1"]
+    plain_ours = min(m["plain_s"] for m in ours["methods"].values())
+    plain_theirs = min(m["plain_s"] for m in theirs["methods"].values())
+    rep.notes.append(f"x = prefill time with the method / plain prefill time in the same process (min over "
+                     f"{ours['rounds']} / {theirs['rounds']} interleaved rounds, ours / kvpress); target: ours <= "
+                     f"kvpress's; noise = max plain/plain spread {noise:.3f} (ours {ours['noise']:.3f}, kvpress "
+                     f"{theirs['noise']:.3f}); token ids {'identical' if same else 'DIFFER'} (sha1); absolute plain "
+                     f"prefill: ours {plain_ours:.2f} s, kvpress {plain_theirs:.2f} s (sum over "
+                     f"{len(ours['tokens'])} prompts)")
+    return rep
+
+
 # ------------------------------------------------------------------------------------ kvpress comparison
 
 
@@ -354,7 +479,8 @@ def plot(rep: Report) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2-minute smoke run")
-    ap.add_argument("--part", choices=["all", "passkey", "long", "ppl", "cost", "compare", "plot"], default="all")
+    ap.add_argument("--part", choices=["all", "passkey", "long", "ppl", "cost", "compare", "plot", "overhead"],
+                    default="all")
     ap.add_argument("--lengths", default="1024", help="context lengths of the full method x ratio grid")
     ap.add_argument("--depths", default="0,0.5,1")
     ap.add_argument("--long-lengths", default="2048,4096", help="lengths of the ratio-0.5 sweep (--part long)")
@@ -362,6 +488,7 @@ def main() -> None:
     ap.add_argument("--ppl-prefill", type=int, default=1024)
     ap.add_argument("--ppl-cont", type=int, default=128)
     ap.add_argument("--cost-length", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --part overhead")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a loaded 2-core machine, 2 threads spin and run ~10x slower)")
     args = ap.parse_args()
@@ -434,6 +561,21 @@ def main() -> None:
             print(rep.save(cmd))
         else:
             print(f"no {side.name}: run benchmarks/kvpress_side.py in .venv-kvpress first")
+    if "overhead" in parts:
+        t0 = time.time()
+        src = json.loads((RESULTS / "kv_prompts.json").read_text())
+        prompts = src["prompts"][:1] if args.quick else src["prompts"]
+        rep, res = run_overhead(model, tok, prompts, 2 if args.quick else args.rounds)
+        rep.notes.append(f"wall time {time.time() - t0:.0f} s")
+        rep.print()
+        print(rep.save(cmd))
+        side = RESULTS / "kvpress_overhead.json"
+        if side.exists() and not args.quick:
+            both = compare_overhead(res, json.loads(side.read_text()))
+            both.print()
+            print(both.save(cmd))
+        elif not side.exists():
+            print(f"no {side.name}: run .venv-kvpress/bin/python benchmarks/kvpress_side.py --overhead for kvpress's")
 
 
 if __name__ == "__main__":

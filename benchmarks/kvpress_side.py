@@ -11,16 +11,26 @@ and KV head kept (recovered by matching compressed keys to the uncompressed cach
 SnapKV runs with ``window_size=32`` (kvpress's default is 64) to match unipruner's default window, so
 the comparison measures implementations, not settings. Writes ``benchmarks/results/kvpress_side.json``.
 
-Run: ``.venv-kvpress/bin/python benchmarks/kvpress_side.py`` (``--threads 1``).
+``--overhead``: instead, the time overhead of each press at ratio 0.5 as a ratio within this process:
+(prefill under the press) / (plain prefill, no press), batch 1, each passkey prompt, interleaved rounds
+(plain, press, plain, press, ...; ``--rounds``, default 5, after one warm-up round), min over rounds of
+the wall time and of the process CPU time. Writes ``benchmarks/results/kvpress_overhead.json``, which
+``kv_cache.py --part overhead`` prints next to unipruner's.
+
+Run: ``.venv-kvpress/bin/python benchmarks/kvpress_side.py`` (``--threads 1``; ``--overhead``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import importlib.util
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +109,104 @@ def kept_sets(model: Any, tok: Any, context: str, ratio: float) -> dict[str, lis
     return out
 
 
+def _clock(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``fn()`` (garbage collected before, outside the clock)."""
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _paired(s: dict[str, list[list[tuple[float, float]]]], r: int) -> float:
+    """Round ``r``'s method wall time / its plain wall time, summed over prompts."""
+    return sum(x[r][0] for x in s["method"]) / sum(x[r][0] for x in s["plain"])
+
+
+def interleaved_overhead(plain: Callable[[torch.Tensor], Any], methods: dict[str, Callable[[torch.Tensor], Any]],
+                         prompts: list[torch.Tensor], rounds: int, warmup: int = 1) -> dict[str, Any]:
+    """(method prefill) / (plain prefill) per method, plain and method interleaved.
+
+    Each round runs, for every prompt and method, a plain prefill then the method's prefill. Per
+    method: ``wall`` = sum over prompts of the min-over-rounds method wall time / the same for the
+    plain prefills run just before it (``cpu`` likewise with process CPU time); ``wall_median`` = the
+    median over rounds of the per-round paired ratio. ``noise`` = spread of the identical plain series
+    (max / min - 1 of their min-over-rounds sums): differences below it are not resolved.
+    (The same function is in ``kv_cache.py``: the two scripts run in different venvs.)
+    """
+    samples: dict[str, dict[str, list[list[tuple[float, float]]]]] = {
+        m: {"plain": [[] for _ in prompts], "method": [[] for _ in prompts]} for m in methods}
+    for r in range(warmup + rounds):
+        for i, ids in enumerate(prompts):
+            for name, fn in methods.items():
+                a = _clock(lambda ids=ids: plain(ids))
+                b = _clock(lambda ids=ids, fn=fn: fn(ids))
+                if r >= warmup:
+                    samples[name]["plain"][i].append(a)
+                    samples[name]["method"][i].append(b)
+        if r >= warmup:
+            print(f"  round {r - warmup + 1}/{rounds}: "
+                  + "  ".join(f"{m} x{_paired(s, r - warmup):.3f}" for m, s in samples.items()), flush=True)
+    out: dict[str, Any] = {}
+    plain_min: dict[str, float] = {}
+    for name, s in samples.items():
+        def best(kind: str, k: int, s: dict[str, list[list[tuple[float, float]]]] = s) -> float:
+            return sum(min(x[k] for x in per) for per in s[kind])
+        paired = sorted(_paired(s, r) for r in range(rounds))
+        plain_min[name] = best("plain", 0)
+        out[name] = {"wall": best("method", 0) / best("plain", 0), "cpu": best("method", 1) / best("plain", 1),
+                     "wall_median": paired[len(paired) // 2], "plain_s": best("plain", 0),
+                     "method_s": best("method", 0), "plain_cpu_s": best("plain", 1), "method_cpu_s": best("method", 1)}
+    noise = max(plain_min.values()) / min(plain_min.values()) - 1
+    return {"methods": out, "noise": noise, "rounds": rounds, "warmup": warmup, "prompts": len(prompts),
+            "tokens": [int(p.shape[1]) for p in prompts],
+            "ids_sha1": hashlib.sha1(json.dumps([p[0].tolist() for p in prompts]).encode()).hexdigest()}
+
+
+def overhead(model: Any, tok: Any, src: dict[str, Any], rounds: int, ratio: float = 0.5) -> dict[str, Any]:
+    prompts = [ids_of(tok, p["context"]) for p in src["prompts"]]
+
+    def plain(ids: torch.Tensor) -> Any:
+        return model(input_ids=ids, past_key_values=DynamicCache(), logits_to_keep=1)
+
+    def with_press(make: Any) -> Callable[[torch.Tensor], Any]:
+        def run(ids: torch.Tensor) -> Any:
+            cache = DynamicCache()
+            with make(1 - ratio)(model):
+                return model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        return run
+
+    with torch.inference_mode():
+        res = interleaved_overhead(plain, {name: with_press(make) for name, make in PRESSES.items()}, prompts, rounds)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--overhead", action="store_true", help="time overhead per press vs a plain prefill only")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --overhead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     src = json.loads((RESULTS / "kv_prompts.json").read_text())
     model, tok = load(src.get("gguf"))
+    if args.overhead:
+        import kvpress
+        import transformers
+
+        t0 = time.time()
+        res = overhead(model, tok, src, args.rounds)
+        res.update(ratio=0.5, threads=args.threads, wall_time_s=time.time() - t0,
+                   command="python benchmarks/kvpress_side.py " + " ".join(sys.argv[1:]),
+                   versions={"kvpress": getattr(kvpress, "__version__", "0.5.5"),
+                             "transformers": transformers.__version__, "torch": torch.__version__})
+        for name, r in res["methods"].items():
+            print(f"{name}: wall x{r['wall']:.3f} (median x{r['wall_median']:.3f})  cpu x{r['cpu']:.3f}")
+        print(f"noise (spread of the plain series): {res['noise']:.3f}")
+        out = RESULTS / "kvpress_overhead.json"
+        out.with_suffix(".tmp").write_text(json.dumps(res, indent=2))
+        os.replace(out.with_suffix(".tmp"), out)
+        print(out)
+        return
     acc: dict[str, dict[str, float]] = {}
     answers = []
     with torch.inference_mode():

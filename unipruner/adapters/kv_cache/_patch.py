@@ -35,7 +35,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ...errors import UniprunerError
 from ...methods import H2O, TOVA, VATP, LastQueryAttention, MergingMethod, Method, ScoringMethod, SnapKV, StreamingLLM
 from ...methods import method as build_method
-from ...scorers.importance import accumulated_attention, group_heads, window_attention
+from ...scorers.importance import accumulated_attention, window_attention
 from ...select import Budget, topk
 from ._cache import CompressedCache, CompressedLayer, Step
 
@@ -586,7 +586,10 @@ class KVCompressor:
             mask = None if valid is None else valid.reshape(b * h, s)
             signals = {"keys": tokens, "values": values.reshape(b * h, s, d)}
             if attn is not None:
-                signals["attn"] = group_heads(attn, n_kv).reshape(b * h, attn.shape[-2], s)
+                # group_heads without its input checks (a NaN scan of the rows we just computed):
+                # the same reshape + mean, ~0.5 ms per layer less at 1k tokens
+                r = attn.shape[-2]
+                signals["attn"] = attn.reshape(b, n_kv, attn.shape[1] // n_kv, r, s).mean(dim=2).reshape(b * h, r, s)
         else:
             tokens = keys.transpose(1, 2).reshape(b, s, h * d)
             mask = None if valid is None else valid[:, 0]
