@@ -11,6 +11,11 @@ inputs.
 
     python benchmarks/rag.py                         # defaults as in docs/benchmarks_rag.md
     python benchmarks/rag.py --n 100 --lm-n 12 --llmlingua-n 8
+    python benchmarks/rag.py --n 50 --skip-lm --threads 1                  # fast scorers only
+    python benchmarks/rag.py --start 100 --n 150 --skip-lm --threads 1     # the dev split (tuning)
+
+Knobs (context_weight, fusion, feedback) are tuned on the dev split, HotpotQA questions 100-249
+(``--start 100``); the reported tables use the first ``--n`` questions.
 """
 
 from __future__ import annotations
@@ -40,11 +45,11 @@ from unipruner.adapters.rag._pruner import TokenCounter
 RATIOS = (0.5, 0.25, 0.125)
 
 
-def load(name: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """HotpotQA (first ``n``) or a seeded SQuAD sample of ``n`` questions, as benchmark items."""
+def load(name: str, n: int, seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
+    """HotpotQA (``n`` from index ``start``) or a seeded SQuAD sample of ``n`` questions, as benchmark items."""
     if name == "hotpotqa":
         with gzip.open(shared_data("qa", "hotpotqa_distractor_dev250.jsonl.gz"), "rt", encoding="utf-8") as f:
-            recs = [json.loads(x) for x in f][:n]
+            recs = [json.loads(x) for x in f][start:start + n]
     else:
         with gzip.open(shared_data("qa", "squad_v1.1_dev.jsonl.gz"), "rt", encoding="utf-8") as f:
             recs = [json.loads(x) for x in f]
@@ -110,6 +115,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llmlingua-json", default=None,
                     help="reuse the output of an earlier llmlingua run on the same first --llmlingua-n questions")
+    ap.add_argument("--scorers", default=None,
+                    help="comma-separated scorer rows to run (default: all), e.g. bm25,embedding,hybrid")
+    ap.add_argument("--skip-lm", action="store_true",
+                    help="skip the SmolLM2 scorers, the answer-NLL table and running LLMLingua "
+                         "(--llmlingua-json still adds the side-by-side table)")
+    ap.add_argument("--start", type=int, default=0,
+                    help="first HotpotQA question (100 = the dev split used for tuning; no SQuAD, no LLMLingua)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python benchmarks/rag.py " + " ".join(sys.argv[1:])
@@ -118,8 +130,11 @@ def main() -> None:
 
     model, tok = load_smollm2()
     counter = TokenCounter(tok)
-    hot = load("hotpotqa", max(args.n, args.lm_n, args.llmlingua_n))
-    squad = load("squad", args.n)
+    hot = load("hotpotqa", max(args.n, args.lm_n, args.llmlingua_n), start=args.start)
+    squad = load("squad", args.n) if args.start == 0 else []
+    if args.start:
+        args.llmlingua_n = 0
+        args.llmlingua_json = None
 
     # LLMLingua runs first in its own venv (it is by far the slowest), on the first llmlingua-n questions
     ll_out: list[dict[str, Any]] | None = None
@@ -128,7 +143,7 @@ def main() -> None:
     venv_py = ROOT / ".venv-llmlingua" / "bin" / "python"
     if args.llmlingua_json:
         ll_out = json.loads(Path(args.llmlingua_json).read_text())[: args.llmlingua_n]
-    elif args.llmlingua_n and venv_py.exists():
+    elif args.llmlingua_n and venv_py.exists() and not args.skip_lm:
         export_smollm2(model, tok, tmpdir / "smollm2")
         job = {"model_dir": str(tmpdir / "smollm2"),
                "items": [{"question": it["question"], "docs": [d["text"] for d in it["docs"]], "ratios": [0.25]}
@@ -144,25 +159,38 @@ def main() -> None:
         "bm25+prf": {"scorer": "bm25", "feedback": 1},
         "embedding": {"scorer": "embedding"},
         "embedding+prf": {"scorer": "embedding", "feedback": 1},
+        "hybrid": {"scorer": "hybrid"},
+        "hybrid+prf": {"scorer": "hybrid", "feedback": 1},
         "focal_attention": {"scorer": "focal_attention"},
         "self_information": {"scorer": "self_information"},
     }
     lm_scorers = {"focal_attention", "self_information"}
-    surv_rows = Report("rag_survival", ["dataset", "scorer", "n", "compression", "achieved", "survival",
-                                        "gold_recall", "ms_per_query"])
+    if args.scorers:
+        wanted = [x.strip() for x in args.scorers.split(",") if x.strip()]
+        unknown = sorted(set(wanted) - set(scorers))
+        if unknown:
+            ap.error(f"unknown --scorers {unknown}; choose from {sorted(scorers)}")
+        scorers = {k: v for k, v in scorers.items() if k in wanted}
+    if args.skip_lm:
+        scorers = {k: v for k, v in scorers.items() if k not in lm_scorers}
+    dev = "_dev" if args.start else ""
+    surv_rows = Report(f"rag_survival{dev}", ["dataset", "scorer", "n", "compression", "achieved", "survival",
+                                              "gold_recall", "ms_per_query", "cpu_ms_per_query"])
     nll_rows = Report("rag_nll", ["scorer", "n", "compression", "achieved", "survival", "answer_nll",
                                   "nll_full"])
     plots: dict[str, tuple[list[float], list[float]]] = {}
     kept_texts: dict[str, list[str]] = {}
     score_seconds: dict[str, float] = {}
     for ds_name, items in (("hotpotqa", hot[: args.n]), ("squad", squad)):
+        if not items:
+            continue
         answerable = [it for it in items if survived(" ".join(d["text"] for d in it["docs"]), it["answers"])]
         for label in ["oracle", *scorers]:
             subset = answerable[: args.lm_n] if label in lm_scorers else answerable
             if ds_name == "squad" and label in lm_scorers:
                 continue
             ctxs: list[tuple[dict[str, Any], ScoredContext]] = []
-            times = []
+            times, cpu_times = [], []
             pruner = None
             for it in subset:
                 if label == "oracle":
@@ -171,9 +199,10 @@ def main() -> None:
                 elif pruner is None:
                     pruner = ContextPruner(budget=Budget(ratio=0.25), tokenizer=tok, **scorers[label])
                     pruner.prune("warm up", ["Warm up the model."], 1.0)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 ctxs.append((it, pruner.score(it["question"], it["docs"])))
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
             assert pruner is not None
             if ds_name == "hotpotqa":
                 score_seconds[label] = statistics.median(times)
@@ -186,7 +215,8 @@ def main() -> None:
                 achieved = statistics.mean(p.stats.compression for _, p in res)
                 surv_rows.add(dataset=ds_name, scorer=label, n=len(res), compression=f"{1 / r:.0f}x",
                               achieved=achieved, survival=surv, gold_recall=gold,
-                              ms_per_query=1e3 * statistics.median(times))
+                              ms_per_query=1e3 * statistics.median(times),
+                              cpu_ms_per_query=1e3 * statistics.median(cpu_times))
                 if ds_name == "hotpotqa":
                     plots.setdefault(label, ([], []))[0].append(achieved)
                     plots[label][1].append(surv)
@@ -199,10 +229,10 @@ def main() -> None:
             hot_answerable = answerable
 
     # NLL of the answer under SmolLM2, pruned (4x) vs full, on the LM subset
-    sub = hot_answerable[: args.lm_n]
+    sub = hot_answerable[: args.lm_n] if not args.skip_lm else []
     full_nll = [answer_nll(model, tok, "\n\n".join(d["text"] for d in it["docs"]), it["question"], it["answers"][0])
                 for it in sub]
-    for label in ["oracle", *scorers]:
+    for label in ["oracle", *scorers] if sub else []:
         texts = kept_texts[label][: len(sub)]
         nll = [answer_nll(model, tok, t, it["question"], it["answers"][0]) for t, it in zip(texts, sub, strict=True)]
         ach = statistics.mean(counter.count("\n\n".join(d["text"] for d in it["docs"])) / max(1, counter.count(t))
@@ -242,10 +272,15 @@ def main() -> None:
                                                  for i, t in zip(keep, texts, strict=True)),
                         seconds_per_query=score_seconds[label])
     for rep in (surv_rows, nll_rows, ll_rows):
+        if not rep.rows:
+            continue
         rep.notes.append(f"threads={args.threads}; survival over questions whose answer string is in the full context")
         rep.print()
         rep.save(command)
-    plot(ROOT / "docs" / "img" / "rag_survival.png", plots, xlabel="achieved compression (x)",
+    out_png = ROOT / "docs" / "img" / "rag_survival.png"
+    if args.start:
+        out_png = ROOT / "benchmarks" / "results" / "rag_survival_dev.png"
+    plot(out_png, plots, xlabel="achieved compression (x)",
          ylabel="answer survival", title="HotpotQA: answer survival vs compression (sentence units)")
 
 

@@ -211,6 +211,12 @@ def test_hybrid_scorer_fuses_bm25_and_embedding_ranks(minilm: EmbeddingScorer) -
     assert "1889" in r.text() and r.stats.scorer == "hybrid"
 
 
+def test_context_weight_default_depends_on_the_scorer() -> None:
+    assert ContextPruner("bm25").context_weight == 0.5
+    assert ContextPruner("embedding").context_weight == 0.25
+    assert ContextPruner("embedding", context_weight=0.5).context_weight == 0.5
+
+
 def test_lead_weight_promotes_first_units() -> None:
     base = ContextPruner("bm25", Budget(ratio=0.5)).score(QUERY, DOCS)
     lead = ContextPruner("bm25", Budget(ratio=0.5), lead_weight=10.0).score(QUERY, DOCS)

@@ -33,7 +33,7 @@ def make_pruner(settings: Mapping[str, Any], scorer: Any = None) -> ContextPrune
         granularity=settings.get("granularity", "sentence"), scope=settings.get("scope", "global"),
         diversity=settings.get("diversity"), keep_order=settings.get("keep_order", True),
         force_keep=list(settings.get("force_keep") or ()), strict=settings.get("strict", True),
-        context_weight=settings.get("context_weight", 0.5), feedback=settings.get("feedback", 0),
+        context_weight=settings.get("context_weight"), feedback=settings.get("feedback", 0),
     )
 
 

@@ -40,7 +40,7 @@ class UniprunerContextPruner:
     def __init__(self, scorer: str = "embedding", ratio: float | None = None, keep: int | None = None,
                  threshold: float | None = None, granularity: str = "sentence", scope: str = "global",
                  diversity: float | None = None, keep_order: bool = True, force_keep: list[str] | None = None,
-                 strict: bool = True, context_weight: float = 0.5, feedback: int = 0) -> None:
+                 strict: bool = True, context_weight: float | None = None, feedback: int = 0) -> None:
         self.settings: dict[str, Any] = {
             "scorer": scorer, "ratio": ratio, "keep": keep, "threshold": threshold, "granularity": granularity,
             "scope": scope, "diversity": diversity, "keep_order": keep_order,

@@ -36,7 +36,7 @@ class UniprunerCompressor(BaseDocumentCompressor):
     Parameters
     ----------
     scorer : str
-        ``embedding`` | ``focal_attention`` | ``self_information`` | ``bm25`` | ``random``.
+        ``embedding`` | ``hybrid`` | ``focal_attention`` | ``self_information`` | ``bm25`` | ``random``.
     ratio, keep, threshold : budget (one of them; default ratio 0.25)
     granularity, scope, diversity, keep_order, force_keep, strict, context_weight, feedback :
         As for :class:`~unipruner.adapters.rag.ContextPruner`.
@@ -54,7 +54,7 @@ class UniprunerCompressor(BaseDocumentCompressor):
     keep_order: bool = True
     force_keep: list[str] = Field(default_factory=list)
     strict: bool = True
-    context_weight: float = 0.5
+    context_weight: float | None = None
     feedback: int = 0
     _pruner: ContextPruner = PrivateAttr()
 

@@ -49,7 +49,7 @@ class UniprunerPostprocessor(BaseNodePostprocessor):
     keep_order: bool = True
     force_keep: list[str] = Field(default_factory=list)
     strict: bool = True
-    context_weight: float = 0.5
+    context_weight: float | None = None
     feedback: int = 0
     _pruner: ContextPruner = PrivateAttr()
 
