@@ -185,6 +185,19 @@ def test_embedding_document_scores_and_late_pooling(minilm: EmbeddingScorer) -> 
         EmbeddingScorer(pooling="max")
 
 
+def test_embedding_threads_and_bf16(minilm: EmbeddingScorer) -> None:
+    texts = [d["text"] for d in DOCS]
+    spans = [unit_spans(t) for t in texts]
+    ref = torch.cat(minilm.score(QUERY, texts, spans))
+    before = torch.get_num_threads()
+    fast = EmbeddingScorer(model=minilm._model(), threads=1, dtype="bfloat16")
+    got = torch.cat(fast.score(QUERY, texts, spans))
+    assert torch.get_num_threads() == before  # restored after the forward
+    assert torch.allclose(got, ref, atol=0.05) and int(got.argmax()) == int(ref.argmax())
+    with pytest.raises(UniprunerError, match="dtype"):
+        EmbeddingScorer(dtype="int8")
+
+
 def test_rrf_matches_hand_computation() -> None:
     a = torch.tensor([0.3, 0.9, 0.1, 0.5])  # ranks 3, 1, 4, 2
     b = torch.tensor([2.0, 1.0, 3.0, 0.0])  # ranks 2, 3, 1, 4
