@@ -23,8 +23,6 @@ Run: ``.venv-kvpress/bin/python benchmarks/kvpress_side.py`` (``--threads 1``; `
 from __future__ import annotations
 
 import argparse
-import gc
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,6 +35,9 @@ from typing import Any
 import torch
 from kvpress import KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _overhead import interleaved_overhead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESSES: dict[str, Any] = {
@@ -107,59 +108,6 @@ def kept_sets(model: Any, tok: Any, context: str, ratio: float) -> dict[str, lis
             layers.append([sorted(set(row.tolist())) for row in idx])
         out[name] = layers
     return out
-
-
-def _clock(fn: Callable[[], Any]) -> tuple[float, float]:
-    """Wall and process CPU seconds of ``fn()`` (garbage collected before, outside the clock)."""
-    gc.collect()
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
-def _paired(s: dict[str, list[list[tuple[float, float]]]], r: int) -> float:
-    """Round ``r``'s method wall time / its plain wall time, summed over prompts."""
-    return sum(x[r][0] for x in s["method"]) / sum(x[r][0] for x in s["plain"])
-
-
-def interleaved_overhead(plain: Callable[[torch.Tensor], Any], methods: dict[str, Callable[[torch.Tensor], Any]],
-                         prompts: list[torch.Tensor], rounds: int, warmup: int = 1) -> dict[str, Any]:
-    """(method prefill) / (plain prefill) per method, plain and method interleaved.
-
-    Each round runs, for every prompt and method, a plain prefill then the method's prefill. Per
-    method: ``wall`` = sum over prompts of the min-over-rounds method wall time / the same for the
-    plain prefills run just before it (``cpu`` likewise with process CPU time); ``wall_median`` = the
-    median over rounds of the per-round paired ratio. ``noise`` = spread of the identical plain series
-    (max / min - 1 of their min-over-rounds sums): differences below it are not resolved.
-    (The same function is in ``kv_cache.py``: the two scripts run in different venvs.)
-    """
-    samples: dict[str, dict[str, list[list[tuple[float, float]]]]] = {
-        m: {"plain": [[] for _ in prompts], "method": [[] for _ in prompts]} for m in methods}
-    for r in range(warmup + rounds):
-        for i, ids in enumerate(prompts):
-            for name, fn in methods.items():
-                a = _clock(lambda ids=ids: plain(ids))
-                b = _clock(lambda ids=ids, fn=fn: fn(ids))
-                if r >= warmup:
-                    samples[name]["plain"][i].append(a)
-                    samples[name]["method"][i].append(b)
-        if r >= warmup:
-            print(f"  round {r - warmup + 1}/{rounds}: "
-                  + "  ".join(f"{m} x{_paired(s, r - warmup):.3f}" for m, s in samples.items()), flush=True)
-    out: dict[str, Any] = {}
-    plain_min: dict[str, float] = {}
-    for name, s in samples.items():
-        def best(kind: str, k: int, s: dict[str, list[list[tuple[float, float]]]] = s) -> float:
-            return sum(min(x[k] for x in per) for per in s[kind])
-        paired = sorted(_paired(s, r) for r in range(rounds))
-        plain_min[name] = best("plain", 0)
-        out[name] = {"wall": best("method", 0) / best("plain", 0), "cpu": best("method", 1) / best("plain", 1),
-                     "wall_median": paired[len(paired) // 2], "plain_s": best("plain", 0),
-                     "method_s": best("method", 0), "plain_cpu_s": best("plain", 1), "method_cpu_s": best("method", 1)}
-    noise = max(plain_min.values()) / min(plain_min.values()) - 1
-    return {"methods": out, "noise": noise, "rounds": rounds, "warmup": warmup, "prompts": len(prompts),
-            "tokens": [int(p.shape[1]) for p in prompts],
-            "ids_sha1": hashlib.sha1(json.dumps([p[0].tolist() for p in prompts]).encode()).hexdigest()}
 
 
 def overhead(model: Any, tok: Any, src: dict[str, Any], rounds: int, ratio: float = 0.5) -> dict[str, Any]:
