@@ -83,7 +83,6 @@ def test_bad_grades_raise(tmp_path: Path, bad: object) -> None:
         load_beir(root, grades=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(not (CRANFIELD / "cranqrel.readme").is_file(), reason="needs ../shared/data/ir/cranfield")
 def test_bundled_cranfield_gains_match_ir_datasets() -> None:
     data = load_beir(CRANFIELD)
     assert data.grades == "cleverdon" and len(data.query_ids) == 225

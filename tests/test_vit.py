@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers", reason="the vision extra is part of the default dev install")
-import unipruner.adapters.vit as vit  # noqa: E402
-from unipruner import UniprunerError  # noqa: E402
-from unipruner.scorers.graph import pagerank  # noqa: E402
-from unipruner.select import Budget, Schedule, r_schedule  # noqa: E402
+import unipruner.adapters.vit as vit
+from unipruner import UniprunerError
+from unipruner.scorers.graph import pagerank
+from unipruner.select import Budget, Schedule, r_schedule
 
 T = transformers
 KW = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
@@ -334,8 +334,7 @@ def _fixture() -> object:
 
 
 def test_digits_fixture_accuracy_survives_merging_better_than_random() -> None:
-    pytest.importorskip("sklearn")
-    fx = _fixture()
+    fx = _fixture()  # needs scikit-learn (the vision extra) for the digits
     model = fx.load_model()  # type: ignore[attr-defined]
     _, _, x, y = fx.load_data()  # type: ignore[attr-defined]
     x, y = x[:300], y[:300]
