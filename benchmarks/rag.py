@@ -13,6 +13,7 @@ inputs.
     python benchmarks/rag.py --n 100 --lm-n 12 --llmlingua-n 8
     python benchmarks/rag.py --n 50 --skip-lm --threads 1                  # fast scorers only
     python benchmarks/rag.py --start 100 --n 150 --skip-lm --threads 1     # the dev split (tuning)
+    python benchmarks/rag.py --latency                                      # warm latency, demo question
 
 Knobs (context_weight, fusion, feedback) are tuned on the dev split, HotpotQA questions 100-249
 (``--start 100``); the reported tables use the first ``--n`` questions.
@@ -107,6 +108,48 @@ def export_smollm2(model: Any, tok: Any, path: Path) -> Path:
     return path
 
 
+def latency(rounds: int = 5) -> None:
+    """Warm latency of one prune on the demo question (10 HotpotQA paragraphs), per scorer setting.
+
+    The model is loaded and warmed first; each setting runs ``rounds`` times with the scorer's
+    token-state cache cleared before every run (a new question on new documents), and reports the
+    minimum wall and process-CPU milliseconds (contention from other jobs only adds time).
+    """
+    from unipruner.adapters.rag import EmbeddingScorer
+    from unipruner.adapters.rag._demo import demo_documents
+
+    question, docs, _ = demo_documents()
+    # (label, torch threads, scorer); settings the installed unipruner lacks are left out (this also
+    # runs against older versions of the adapter, e.g. to measure a change)
+    settings: list[tuple[str, int, Any]] = [("embedding", 1, "embedding"), ("embedding", 2, "embedding")]
+    try:
+        settings.append(("embedding, dtype=bfloat16", 1, EmbeddingScorer(dtype="bfloat16")))
+        settings.append(("hybrid", 1, "hybrid"))
+    except TypeError:
+        pass
+    settings += [("bm25", 1, "bm25"), ("bm25", 2, "bm25")]
+    rep = Report("rag_latency", ["scorer", "torch threads", "warm ms/query", "CPU ms/query", "rounds"])
+    for label, threads, scorer in settings:
+        torch.set_num_threads(threads)
+        pruner = ContextPruner(scorer, Budget(ratio=0.25))
+        pruner.prune(question, docs)  # load + warm up
+        walls, cpus = [], []
+        for _ in range(rounds):
+            for sc in (pruner.scorer, getattr(pruner.scorer, "dense", None)):
+                if sc is not None and hasattr(sc, "_cache"):
+                    sc._cache.clear()
+            t0, c0 = time.perf_counter(), time.process_time()
+            pruner.prune(question, docs)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        rep.add(**{"scorer": label, "torch threads": threads, "warm ms/query": 1e3 * min(walls),
+                   "CPU ms/query": 1e3 * min(cpus), "rounds": rounds})
+    rep.notes.append(f"demo question ({len(docs)} paragraphs), min over {rounds} warm runs, caches cleared; "
+                     f"load average at the end {os.getloadavg()[0]:.2f}")
+    rep.print()
+    rep.save("python benchmarks/rag.py --latency")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100, help="HotpotQA and SQuAD questions for the fast scorers")
@@ -122,7 +165,12 @@ def main() -> None:
                          "(--llmlingua-json still adds the side-by-side table)")
     ap.add_argument("--start", type=int, default=0,
                     help="first HotpotQA question (100 = the dev split used for tuning; no SQuAD, no LLMLingua)")
+    ap.add_argument("--latency", action="store_true",
+                    help="only the warm-latency table (demo question, min of 5 runs per scorer setting)")
     args = ap.parse_args()
+    if args.latency:
+        latency()
+        return
     torch.set_num_threads(args.threads)
     command = "python benchmarks/rag.py " + " ".join(sys.argv[1:])
 
