@@ -9,13 +9,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["interleaved_overhead"]
+__all__ = ["hook_seconds", "interleaved_overhead"]
 
 
 def _clock(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -68,3 +69,36 @@ def interleaved_overhead(plain: Callable[[torch.Tensor], Any], methods: dict[str
     return {"methods": out, "noise": noise, "rounds": rounds, "warmup": warmup, "prompts": len(prompts),
             "tokens": [int(p.shape[1]) for p in prompts],
             "ids_sha1": hashlib.sha1(json.dumps([p[0].tolist() for p in prompts]).encode()).hexdigest()}
+
+
+def hook_seconds(cls: type, names: tuple[str, ...], run: Callable[[], Any], repeats: int = 2) -> float:
+    """Seconds spent inside the methods ``names`` of ``cls`` during ``run()``, min over ``repeats``.
+
+    The methods are wrapped with a timer on the class for the duration (benchmark-only; restored
+    afterwards), so hooks registered as bound methods while ``run`` is going are timed. The hooks
+    must be independent (none calls another), else time is counted twice.
+    """
+    spent = [0.0]
+    originals = {n: cls.__dict__[n] for n in names}
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    best = math.inf
+    try:
+        for n, fn in originals.items():
+            setattr(cls, n, timed(fn))
+        for _ in range(repeats):
+            spent[0] = 0.0
+            run()
+            best = min(best, spent[0])
+    finally:
+        for n, fn in originals.items():
+            setattr(cls, n, fn)
+    return best

@@ -18,7 +18,10 @@
    the 1,024-token passkey prompts of ``kv_prompts.json``, interleaved rounds (plain, method, plain,
    method, ...; ``--rounds``, default 5, after a warm-up round), min over rounds of the wall and the
    process CPU time. ``kvpress_side.py --overhead`` measures kvpress's presses the same way in its own
-   venv; when its ``kvpress_overhead.json`` exists both are printed side by side (``kv_overhead_vs_kvpress``).
+   venv; when its ``kvpress_overhead.json`` exists both are printed side by side (``kv_overhead_vs_kvpress``;
+   ``--part overhead-compare`` prints it again from the saved runs). Both sides also time the inside of
+   their hooks during one prefill of every prompt (``_overhead.hook_seconds``), a finer measure than the
+   end-to-end ratios.
 
 Also writes ``benchmarks/results/kv_prompts.json`` (the exact prompts, for ``kvpress_side.py``) and,
 when ``benchmarks/results/kvpress_side.json`` exists, prints kvpress's accuracy next to ours and the
@@ -48,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, ROOT, Report, shared_data
-from _overhead import interleaved_overhead
+from _overhead import hook_seconds, interleaved_overhead
 
 import unipruner.adapters.kv_cache as kv
 from unipruner.models import load_smollm2, model_path
@@ -296,12 +299,19 @@ def run_overhead(model: Any, tok: Any, prompts: list[dict[str, Any]], rounds: in
                 return model(x, cache=h.new_cache(), use_cache=True, logits_to_keep=1)
         return run
 
+    from unipruner.adapters.kv_cache._patch import KVCompressor
+
     with torch.inference_mode():
         res = interleaved_overhead(plain, {m: with_method(m) for m in OVERHEAD_METHODS}, ids, rounds)
-    rep = Report("kv_overhead", ["method", "wall x", "CPU x", "wall x (median)", "plain s", "method s"])
+        for m in OVERHEAD_METHODS:  # time inside our hooks (all four: masks, scoring, compression)
+            fn = with_method(m)
+            res["methods"][m]["hook_s"] = hook_seconds(
+                KVCompressor, ("_model_pre", "_model_post", "_attn_pre", "_attn_post"),
+                lambda fn=fn: [fn(x) for x in ids])
+    rep = Report("kv_overhead", ["method", "wall x", "CPU x", "wall x (median)", "plain s", "method s", "hook s"])
     for name, r in res["methods"].items():
         rep.add(method=name, **{"wall x": r["wall"], "CPU x": r["cpu"], "wall x (median)": r["wall_median"],
-                "plain s": r["plain_s"], "method s": r["method_s"]})
+                "plain s": r["plain_s"], "method s": r["method_s"], "hook s": r["hook_s"]})
     rep.notes.append(f"prefill only, batch 1, ratio {ratio} kept, {len(ids)} prompts of {res['tokens']} tokens "
                      f"(ids sha1 {res['ids_sha1'][:12]}), {rounds} interleaved rounds after a warm-up; x = sum over "
                      "prompts of min-over-rounds time with the method / the same for the plain prefill run just "
@@ -312,7 +322,8 @@ def run_overhead(model: Any, tok: Any, prompts: list[dict[str, Any]], rounds: in
 def compare_overhead(ours: dict[str, Any], theirs: dict[str, Any]) -> Report:
     """Side by side: our overhead ratios vs kvpress's, each measured within its own process."""
     rep = Report("kv_overhead_vs_kvpress", ["method", "ours wall x", "ours CPU x", "kvpress wall x",
-                                            "kvpress CPU x", "verdict"])
+                                            "kvpress CPU x", "verdict", "ours hook ms", "kvpress hook ms",
+                                            "hook diff % of prefill"])
     noise = max(ours["noise"], theirs["noise"])
     for name, o in ours["methods"].items():
         t = theirs["methods"].get(name)
@@ -321,8 +332,13 @@ def compare_overhead(ours: dict[str, Any], theirs: dict[str, Any]) -> Report:
         worse = max(o["wall"] - t["wall"], o["cpu"] - t["cpu"])
         verdict = ("met" if worse <= 0 else f"within noise (+{worse:.3f})" if worse <= noise
                    else f"missed (+{worse:.3f})")
+        hooks = "hook_s" in o and "hook_s" in t
         rep.add(method=name, **{"ours wall x": o["wall"], "ours CPU x": o["cpu"], "kvpress wall x": t["wall"],
-                "kvpress CPU x": t["cpu"], "verdict": verdict})
+                "kvpress CPU x": t["cpu"], "verdict": verdict,
+                "ours hook ms": 1e3 * o["hook_s"] if hooks else float("nan"),
+                "kvpress hook ms": 1e3 * t["hook_s"] if hooks else float("nan"),
+                "hook diff % of prefill": 100 * (o["hook_s"] / o["plain_s"] - t["hook_s"] / t["plain_s"])
+                if hooks else float("nan")})
     same = ours["ids_sha1"] == theirs["ids_sha1"]
     plain_ours = min(m["plain_s"] for m in ours["methods"].values())
     plain_theirs = min(m["plain_s"] for m in theirs["methods"].values())
@@ -331,7 +347,9 @@ def compare_overhead(ours: dict[str, Any], theirs: dict[str, Any]) -> Report:
                      f"kvpress's; noise = max plain/plain spread {noise:.3f} (ours {ours['noise']:.3f}, kvpress "
                      f"{theirs['noise']:.3f}); token ids {'identical' if same else 'DIFFER'} (sha1); absolute plain "
                      f"prefill: ours {plain_ours:.2f} s, kvpress {plain_theirs:.2f} s (sum over "
-                     f"{len(ours['tokens'])} prompts)")
+                     f"{len(ours['tokens'])} prompts); hook ms = time inside the hooks during one prefill of "
+                     "every prompt (min of 2; ours: the model and attention pre/post hooks, kvpress: "
+                     "BasePress.forward_hook); hook diff = ours - kvpress as a share of each side's plain prefill")
     return rep
 
 
@@ -425,7 +443,8 @@ def plot(rep: Report) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2-minute smoke run")
-    ap.add_argument("--part", choices=["all", "passkey", "long", "ppl", "cost", "compare", "plot", "overhead"],
+    ap.add_argument("--part", choices=["all", "passkey", "long", "ppl", "cost", "compare", "plot", "overhead",
+                                           "overhead-compare"],
                     default="all")
     ap.add_argument("--lengths", default="1024", help="context lengths of the full method x ratio grid")
     ap.add_argument("--depths", default="0,0.5,1")
@@ -515,9 +534,13 @@ def main() -> None:
         rep.notes.append(f"wall time {time.time() - t0:.0f} s")
         rep.print()
         print(rep.save(cmd))
-        side = RESULTS / "kvpress_overhead.json"
-        if side.exists() and not args.quick:
-            both = compare_overhead(res, json.loads(side.read_text()))
+        raw = RESULTS / "kv_overhead_raw.json"
+        raw.with_suffix(".tmp").write_text(json.dumps(res, indent=2))
+        os.replace(raw.with_suffix(".tmp"), raw)
+    if "overhead" in parts or "overhead-compare" in parts:
+        side, raw = RESULTS / "kvpress_overhead.json", RESULTS / "kv_overhead_raw.json"
+        if side.exists() and raw.exists() and not args.quick:
+            both = compare_overhead(json.loads(raw.read_text()), json.loads(side.read_text()))
             both.print()
             print(both.save(cmd))
         elif not side.exists():

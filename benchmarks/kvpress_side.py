@@ -37,7 +37,7 @@ from kvpress import KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _overhead import interleaved_overhead
+from _overhead import hook_seconds, interleaved_overhead
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESSES: dict[str, Any] = {
@@ -123,8 +123,14 @@ def overhead(model: Any, tok: Any, src: dict[str, Any], rounds: int, ratio: floa
                 return model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
         return run
 
+    from kvpress.presses.base_press import BasePress
+
     with torch.inference_mode():
         res = interleaved_overhead(plain, {name: with_press(make) for name, make in PRESSES.items()}, prompts, rounds)
+        for name, make in PRESSES.items():  # time inside kvpress's hook (scoring + compression)
+            fn = with_press(make)
+            res["methods"][name]["hook_s"] = hook_seconds(BasePress, ("forward_hook",),
+                                                          lambda fn=fn: [fn(x) for x in prompts])
     return res
 
 
@@ -148,7 +154,8 @@ def main() -> None:
                    versions={"kvpress": getattr(kvpress, "__version__", "0.5.5"),
                              "transformers": transformers.__version__, "torch": torch.__version__})
         for name, r in res["methods"].items():
-            print(f"{name}: wall x{r['wall']:.3f} (median x{r['wall_median']:.3f})  cpu x{r['cpu']:.3f}")
+            print(f"{name}: wall x{r['wall']:.3f} (median x{r['wall_median']:.3f})  cpu x{r['cpu']:.3f}"
+                  f"  hooks {1e3 * r['hook_s']:.0f} ms")
         print(f"noise (spread of the plain series): {res['noise']:.3f}")
         out = RESULTS / "kvpress_overhead.json"
         out.with_suffix(".tmp").write_text(json.dumps(res, indent=2))
