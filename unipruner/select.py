@@ -35,7 +35,8 @@ __all__ = ["Budget", "Schedule", "knee_count", "r_schedule", "topk"]
 class Budget:
     """How many tokens survive a pruning step.
 
-    Exactly one of ``ratio``, ``keep``, ``threshold`` or ``knee`` is set.
+    Exactly one of ``ratio``, ``keep``, ``threshold``, ``knee`` or ``rows`` is set (``factor``
+    comes with its ``ratio = 1 / factor``).
 
     Parameters
     ----------
@@ -48,6 +49,16 @@ class Budget:
     knee : bool
         Keep the tokens before the knee of the sorted-score curve (Kneedle; data-dependent).
         Build it with :meth:`Budget.auto`.
+    factor : float, optional
+        A pool factor ``f >= 1`` (Clavié et al. 2024, PyLate's ``pool_factor``); build it with
+        :meth:`Budget.pool_factor`. ``ratio`` is then ``1 / f`` (the fraction kept), but the
+        count is PyLate's: ``p + max((n - p) // f, 1)`` of ``n`` valid tokens whose first ``p``
+        are protected (``n`` when ``n <= p``): floor instead of half-up rounding, at least one
+        token besides the protected ones, which do not count against the factor.
+    rows : tuple of int, optional
+        An explicit count per row (``len(rows)`` = batch size), e.g. a collection-wide budget
+        already spent per sequence (ColBERT ``scope="global"``); build it with
+        :meth:`Budget.per_row`. Each row keeps ``min(rows[b], n_valid[b])``.
 
     Examples
     --------
@@ -57,19 +68,42 @@ class Budget:
     64
     >>> Budget.auto()
     Budget.auto()
+    >>> Budget.pool_factor(2).ratio, Budget.pool_factor(3).count(10)
+    (0.5, 3)
     """
 
     ratio: float | None = None
     keep: int | None = None
     threshold: float | None = None
     knee: bool = False
+    factor: float | None = None
+    rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        n_set = sum(x is not None for x in (self.ratio, self.keep, self.threshold)) + int(self.knee)
+        if self.factor is not None:
+            f = self.factor
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(float(f)) or f < 1:
+                raise UniprunerError(f"a pool factor must be a finite number >= 1 (2 halves the tokens), got {f!r}")
+            if self.ratio is None:
+                object.__setattr__(self, "ratio", 1.0 / float(f))
+            elif self.ratio != 1.0 / float(f):
+                raise UniprunerError(f"Budget.pool_factor({f!r}) keeps the fraction ratio = 1/{f!r}; give either "
+                                     f"factor= or ratio=, not both (got ratio={self.ratio!r})")
+        if self.rows is not None:
+            rows = tuple(self.rows) if isinstance(self.rows, (list, tuple)) else self.rows
+            if not isinstance(rows, tuple) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows
+            ):
+                raise UniprunerError(f"Budget rows must be a sequence of non-negative ints (one count per row), "
+                                     f"got {self.rows!r}")
+            object.__setattr__(self, "rows", rows)
+        n_set = (sum(x is not None for x in (self.ratio, self.keep, self.threshold, self.rows))
+                 + int(self.knee))
         if n_set != 1:
             raise UniprunerError(
-                "Budget needs exactly one of ratio=, keep=, threshold= or Budget.auto(); "
-                f"got {n_set} (ratio={self.ratio}, keep={self.keep}, threshold={self.threshold}, knee={self.knee})"
+                "Budget needs exactly one of ratio=, keep=, threshold=, Budget.pool_factor(), Budget.per_row() or "
+                f"Budget.auto(); got {n_set} (ratio={self.ratio}, keep={self.keep}, threshold={self.threshold}, "
+                f"knee={self.knee}, rows={self.rows})"
             )
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
@@ -90,6 +124,40 @@ class Budget:
     def auto(cls) -> Budget:
         """A budget that keeps the tokens before the knee of the sorted-score curve (Kneedle)."""
         return cls(knee=True)
+
+    @classmethod
+    def pool_factor(cls, factor: float) -> Budget:
+        """A pool factor ``f``: about ``n / f`` tokens remain (``ratio = 1 / f``), counted as PyLate does.
+
+        Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector Retrieval with Minimal
+        Performance Impact via Token Pooling", 2024: a document of ``n`` tokens whose first ``p``
+        are protected keeps ``p + max((n - p) // f, 1)`` (PyLate's ``pool_factor`` and
+        ``protected_tokens``); ``f = 1`` keeps everything.
+
+        >>> b = Budget.pool_factor(2)
+        >>> b, b.ratio, b.counts(torch.tensor([1, 3, 9]), n_max=9).tolist()
+        (Budget.pool_factor(2), 0.5, [1, 1, 4])
+        >>> b.counts(torch.tensor([1, 3, 9]), n_max=9, protected=1).tolist()
+        [1, 2, 5]
+        """
+        return cls(factor=factor)
+
+    @classmethod
+    def per_row(cls, counts: Sequence[int] | Tensor) -> Budget:
+        """An explicit number of tokens kept per row (``counts[b]`` for row ``b``, capped at its length).
+
+        For budgets decided outside one batch, e.g. one budget spent over a whole collection by
+        score (Lassance et al., "A Study on Token Pruning for ColBERT", 2021, global pruning).
+
+        >>> Budget.per_row([2, 0, 5]).counts(torch.tensor([4, 4, 3]), n_max=4).tolist()
+        [2, 0, 3]
+        """
+        if isinstance(counts, Tensor):
+            if counts.ndim != 1 or counts.is_floating_point() or counts.dtype == torch.bool:
+                raise UniprunerError(f"per-row counts must be a 1-D integer tensor, got {counts.dtype} "
+                                     f"{tuple(counts.shape)}")
+            counts = counts.tolist()
+        return cls(rows=tuple(counts))
 
     @classmethod
     def coerce(cls, value: Budget | float | int | None = None, *, ratio: float | None = None,
@@ -128,6 +196,10 @@ class Budget:
     def __repr__(self) -> str:
         if self.knee:
             return "Budget.auto()"
+        if self.factor is not None:
+            return f"Budget.pool_factor({self.factor!r})"
+        if self.rows is not None:
+            return f"Budget.per_row({list(self.rows)!r})"
         for field in ("ratio", "keep", "threshold"):
             v = getattr(self, field)
             if v is not None:
@@ -141,12 +213,26 @@ class Budget:
         return int(self.counts(torch.tensor([n]), n_max=n)[0])
 
     def counts(self, n_valid: Tensor, *, n_max: int, scores: Tensor | None = None,
-               mask: Tensor | None = None) -> Tensor:
+               mask: Tensor | None = None, protected: Tensor | int | None = None) -> Tensor:
         """Tokens kept per row, ``[B]`` long, given the valid counts per row.
 
         ``n_max`` is the padded sequence length: ``Budget(keep=K)`` with ``K > n_max`` is an
-        error (the budget asks for more tokens than any row has).
+        error (the budget asks for more tokens than any row has). ``protected`` (an int or
+        ``[B]`` counts of protected valid tokens) matters only to a pool factor, which counts the
+        other tokens (:meth:`pool_factor`); selectors raise every count to the protected ones.
         """
+        if self.rows is not None:
+            if len(self.rows) != n_valid.shape[0]:
+                raise UniprunerError(f"{self!r} gives counts for {len(self.rows)} rows but the batch has "
+                                     f"{n_valid.shape[0]}")
+            return torch.minimum(torch.tensor(self.rows, dtype=torch.long, device=n_valid.device), n_valid.long())
+        if self.factor is not None:
+            n = n_valid.long()
+            p = torch.zeros_like(n) if protected is None else torch.as_tensor(protected, device=n.device).long()
+            p = torch.minimum(p.expand_as(n), n)
+            rest = n - p
+            pooled = torch.div(rest.double(), float(self.factor), rounding_mode="floor").long().clamp(min=1)
+            return p + torch.where(rest > 0, pooled, torch.zeros_like(rest))
         if self.ratio is not None:
             return torch.floor(n_valid.double() * float(self.ratio) + 0.5).long().clamp(max=n_valid)
         if self.keep is not None:
@@ -235,12 +321,13 @@ def topk(scores: Tensor, budget: Budget | int | float | Tensor, *, mask: Tensor 
         if bool((budget < 0).any()) or bool((budget > n).any()):
             raise UniprunerError(f"per-row budgets must lie in [0, {n}], got {budget.tolist()}")
         k = torch.minimum(budget.long().to(scores.device), nv)
-    else:
-        k = Budget.coerce(budget).counts(nv, n_max=n, scores=scores, mask=mask)
+    if prot is not None and mask is not None:
+        prot = prot & mask
+    if not isinstance(budget, Tensor):
+        n_prot = None if prot is None else prot.sum(dim=1)  # a pool factor counts the other tokens
+        k = Budget.coerce(budget).counts(nv, n_max=n, scores=scores, mask=mask, protected=n_prot)
     s = scores.float() if not scores.is_floating_point() else scores
     if prot is not None:
-        if mask is not None:
-            prot = prot & mask
         k = torch.maximum(k, prot.sum(dim=1))
         s = s.masked_fill(prot, math.inf)
     if mask is not None:
