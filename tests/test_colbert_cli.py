@@ -158,7 +158,14 @@ def test_demo_section_runs_on_a_small_cranfield_subset(monkeypatch: pytest.Monke
 
     from unipruner.adapters.colbert import _demo
 
+    # the bundled cut inside the package (nothing outside the repository), and the demo's own subset of it
+    assert _demo._data_dir() == _demo.CRANFIELD_SMALL
+    assert _demo.CRANFIELD_SMALL.is_relative_to(Path(_demo.__file__).resolve().parents[2])
     data = load_beir(_demo._data_dir())
+    full = _demo.demo_subset(data)
+    judged = {d for q in full.query_ids for d, g in full.qrels[q].items() if g > 0}
+    assert len(full.doc_ids) == _demo.N_DOCS == 300 and len(full.query_ids) == _demo.N_QUERIES == 30
+    assert judged <= set(full.doc_ids) and len(judged) == 187
     sub = _demo.demo_subset(data, n_queries=5, n_docs=80)
     judged = {d for q in sub.query_ids for d, g in sub.qrels[q].items() if g > 0}
     assert len(sub.doc_ids) == 80 and judged <= set(sub.doc_ids) and sub.query_ids == data.query_ids[:5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import Counter
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from unipruner.adapters.colbert._demo import CRANFIELD_SMALL
 from unipruner.adapters.colbert._eval import cleverdon_gain, load_beir, metrics
 from unipruner.errors import UniprunerError
 
-CRANFIELD = Path(__file__).resolve().parents[2] / "shared" / "data" / "ir" / "cranfield"
+INDEX_FIXTURE_DOCS = Path(__file__).resolve().parent / "fixtures" / "colbert" / "docs.jsonl"
 # q1: d1 is a complete answer (code 1), d2 of minimum interest (code 4), d3 useful (3), d4 of no interest (5);
 # q2: only a code-5 judgement (not relevant under Cleverdon's codes, relevant under BEIR's).
 QRELS = [("q1", "d1", 1), ("q1", "d2", 4), ("q1", "d3", 3), ("q1", "d4", 5), ("q2", "d2", 5)]
@@ -84,8 +86,36 @@ def test_bad_grades_raise(tmp_path: Path, bad: object) -> None:
 
 
 def test_bundled_cranfield_gains_match_ir_datasets() -> None:
-    data = load_beir(CRANFIELD)
-    assert data.grades == "cleverdon" and len(data.query_ids) == 225
+    """The Cranfield cut bundled with the package (``scripts/make_cranfield_fixture.py``) reads as Cleverdon codes.
+
+    The script checks the full collection against ir_datasets' ``cranfield`` (gains 4: 363, 3: 734, 2: 387, 1: 128
+    over 225 queries) before cutting; here every judgement of the cut, read from its TSV independently of
+    ``load_beir``, must come back as ir_datasets' relevance ``5 - code``, detected from its ``cranqrel.readme``.
+    """
+    readme = (CRANFIELD_SMALL / "cranqrel.readme").read_text()
+    assert "1.  References which are a complete answer" in readme and "4.  References of minimum interest" in readme
+    data = load_beir(CRANFIELD_SMALL)
+    assert data.grades == "cleverdon" and len(data.query_ids) == 136 and len(data.doc_ids) == 398
+    rows = [line.split("\t") for line in (CRANFIELD_SMALL / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    codes = Counter(int(code) for _, _, code in rows)
+    assert codes == {1: 103, 2: 247, 3: 150, 4: 51} and len(rows) == 551  # no code 5 in Cranfield's qrels
+    assert all(data.qrels[q][d] == 5 - int(code) for q, d, code in rows)
     counts = Counter(g for rel in data.qrels.values() for g in rel.values())
-    # ir_datasets' cranfield qrels: relevance 4: 363, 3: 734, 2: 387, 1: 128 (codes 1..4 of cranqrel)
-    assert counts == {4: 363, 3: 734, 2: 387, 1: 128}
+    assert counts == {4: 103, 3: 247, 2: 150, 1: 51}
+    assert load_beir(CRANFIELD_SMALL, grades="relevance").qrels == {
+        q: {d: 5 - g for d, g in rel.items()} for q, rel in data.qrels.items()}
+    # a consistent collection: every judged document is in the corpus, every query has one
+    assert {d for rel in data.qrels.values() for d in rel} <= set(data.doc_ids)
+    assert set(data.query_ids) == {q for q, _, _ in rows}
+
+
+def test_bundled_cranfield_holds_the_index_fixtures_documents() -> None:
+    """The 300 documents of ``tests/fixtures/colbert`` (their first 240 characters) are in the bundled cut, in order.
+
+    ``tests_envs/pylate/anchor_quality.py`` reads their judgements from it.
+    """
+    fixture = [json.loads(line) for line in INDEX_FIXTURE_DOCS.read_text().splitlines()]
+    with gzip.open(CRANFIELD_SMALL / "corpus.jsonl.gz", "rt", encoding="utf-8") as fh:
+        corpus = {r["_id"]: r for r in map(json.loads, fh)}
+    assert len(fixture) == 300 and list(corpus)[:300] == [r["_id"] for r in fixture]
+    assert all(corpus[r["_id"]]["text"][:240] == r["text"] for r in fixture)

@@ -7,23 +7,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["demo_section", "demo_subset"]
+__all__ = ["CRANFIELD_SMALL", "demo_section", "demo_subset"]
 
 #: judged queries used by the demo, and the size of its small index
 N_QUERIES = 30
 N_DOCS = 300
 
+#: the Cranfield cut bundled with the package (BEIR layout + ``cranqrel.readme``; see its README.md), made by
+#: ``scripts/make_cranfield_fixture.py``: the demo and the tests read it, never anything outside the repository
+CRANFIELD_SMALL = Path(__file__).resolve().parents[2] / "data" / "cranfield_small"
+
 
 def _data_dir() -> Path:
     from ...errors import UniprunerError
 
-    here = Path(__file__).resolve()
-    for base in here.parents:
-        cand = base.parent / "shared" / "data" / "ir" / "cranfield"
-        if cand.is_dir():
-            return cand
-    raise UniprunerError("the demo's ColBERT section reads Cranfield from ../shared/data/ir/cranfield next to the "
-                         "project, which is missing")
+    if not (CRANFIELD_SMALL / "qrels" / "test.tsv").is_file():
+        raise UniprunerError(f"the Cranfield data bundled with unipruner is missing from {CRANFIELD_SMALL}: "
+                             "reinstall the package")
+    return CRANFIELD_SMALL
 
 
 def demo_subset(data: Any, n_queries: int = N_QUERIES, n_docs: int = N_DOCS) -> Any:

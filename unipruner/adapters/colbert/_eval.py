@@ -16,6 +16,7 @@ per token, the setting of the token-pooling paper's MiniLM experiments; the inde
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections.abc import Sequence
@@ -82,21 +83,31 @@ class EvalResult:
                 "queries": float(self.n_queries)}
 
 
+def _corpus_file(root: Path) -> Path:
+    """The corpus of a BEIR dataset directory: ``corpus.jsonl``, else ``corpus.jsonl.gz`` when only that exists."""
+    plain = root / "corpus.jsonl"
+    packed = root / "corpus.jsonl.gz"
+    return packed if not plain.exists() and packed.is_file() else plain
+
+
 def _jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UniprunerError(f"{what} file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UniprunerError(f"{path}:{i}: not a JSON line ({err})") from err
-            if not isinstance(row, dict) or "_id" not in row or "text" not in row:
-                raise UniprunerError(f"{path}:{i}: a BEIR {what} line needs '_id' and 'text'")
-            rows.append(row)
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UniprunerError(f"{path}:{i}: not a JSON line ({err})") from err
+                if not isinstance(row, dict) or "_id" not in row or "text" not in row:
+                    raise UniprunerError(f"{path}:{i}: a BEIR {what} line needs '_id' and 'text'")
+                rows.append(row)
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise UniprunerError(f"{path}: not a readable gzip file ({err})") from err
     return rows
 
 
@@ -109,7 +120,7 @@ def doc_text(row: dict[str, Any]) -> str:
 def corpus_texts(corpus: Path | str, ids: Sequence[str] | None = None) -> list[str]:
     """Texts of a BEIR ``corpus.jsonl`` (or dataset directory) in index order (``ids``), or in file order."""
     c = Path(corpus)
-    rows = _jsonl(c / "corpus.jsonl" if c.is_dir() else c, "corpus")
+    rows = _jsonl(_corpus_file(c) if c.is_dir() else c, "corpus")
     if ids is None:
         return [doc_text(r) for r in rows]
     by_id = {str(r["_id"]): doc_text(r) for r in rows}
@@ -146,7 +157,8 @@ def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path
     Parameters
     ----------
     corpus : Path or str
-        ``corpus.jsonl``, or the dataset directory (then queries and qrels default to the BEIR layout inside it).
+        ``corpus.jsonl``, or the dataset directory (then queries and qrels default to the BEIR layout inside it;
+        its corpus may be gzipped, ``corpus.jsonl.gz``). A ``.gz`` corpus or queries file is read gzipped.
     queries, qrels : Path or str, optional
         ``queries.jsonl`` and a TSV of ``query-id  corpus-id  score`` (header line optional).
     grades : {"relevance", "cleverdon"} or None
@@ -175,7 +187,7 @@ def load_beir(corpus: Path | str, queries: Path | str | None = None, qrels: Path
     if c.is_dir():
         queries = queries if queries is not None else c / "queries.jsonl"
         qrels = qrels if qrels is not None else c / "qrels" / "test.tsv"
-        c = c / "corpus.jsonl"
+        c = _corpus_file(c)
     if queries is None or qrels is None:
         raise UniprunerError("give queries= and qrels= (or the BEIR dataset directory as corpus)")
     docs = _jsonl(c, "corpus")
