@@ -194,3 +194,69 @@ def test_schedules() -> None:
         r_schedule([1, 2], 3)
     with pytest.raises(UniprunerError):
         r_schedule((8, 2.0), 3)
+
+
+def test_schedule_constructors_resolve_per_model() -> None:
+    geo = Schedule.geometric(final=0.15)
+    assert geo.kind == "geometric" and geo == Schedule.geometric(0.15) and hash(geo) == hash(Schedule.geometric(0.15))
+    # 64 patches + CLS over 4 layers: 40, 25, 15, 10 patches left (each layer keeps 0.15 ** (1/4))
+    assert geo.counts(65, 4, protected=1) == [(65, 41), (41, 26), (26, 16), (16, 11)]
+    assert Schedule.geometric(final=1.0).removals(17, 3, protected=1) == [0, 0, 0]
+    assert Schedule.geometric(final=0.01).counts(16, 2) == [(16, 2), (2, 1)]  # no protected token: one stays
+    rem = Schedule.remove(4, inflection=-1)
+    assert rem == Schedule.remove(4, inflection=-1.0) and rem.kind == "remove"
+    assert rem.removals(17, 3, protected=1, limit="bipartite") == r_schedule((4, -1.0), 3) == [8, 4, 0]
+    assert Schedule.remove([1, 2, 3]).counts(17, 3, protected=1) == [(17, 16), (16, 14), (14, 11)]
+    assert repr(rem) == "Schedule.remove(4, inflection=-1.0)" and repr(geo) == "Schedule.geometric(final=0.15)"
+    assert repr(Schedule.constant(0.5, 3)) == "Schedule.constant(Budget(ratio=0.5), 3)"
+    assert bool(geo)
+    with pytest.raises(UniprunerError, match=r"depends on the model.*removals\(n0, n_layers\)"):
+        len(geo)
+    with pytest.raises(UniprunerError, match="depends on the model"):
+        list(rem)
+
+
+def test_schedule_caps_follow_the_reduction() -> None:
+    assert Schedule.max_removal(17, protected=1, limit="bipartite")[0] == 8
+    assert Schedule.max_removal(17, protected=1, limit="fuse")[0] == 15
+    assert Schedule.max_removal(17, protected=0, limit="protected")[0] == 16
+    assert Schedule.max_removal(3, protected=4)[0] == 0
+    # ToMe caps later layers silently at half of the unprotected tokens ...
+    assert Schedule.remove(8).counts(17, 3, protected=1, limit="bipartite") == [(17, 9), (9, 5), (5, 3)]
+    # ... but a first reduction that cannot be met is an error (also when earlier layers remove nothing)
+    with pytest.raises(UniprunerError, match=r"layer 0 to remove 9 of its 17 tokens.*'tome' can remove at most 8"):
+        Schedule.remove(9).removals(17, 3, protected=1, limit="bipartite", who="'tome'")
+    with pytest.raises(UniprunerError, match=r"layer 1 to remove 9 of its 17"):
+        Schedule.remove([0, 9, 1]).removals(17, 3, protected=1, limit="bipartite")
+    # a budget schedule is checked at every layer; a geometric one is capped silently
+    sched = Schedule([0.5, None, Budget(keep=2)])
+    assert sched.counts(17, 3, protected=1) == [(17, 9), (9, 9), (9, 3)]
+    with pytest.raises(UniprunerError, match=r"layer 2 to remove 6 of its 9 tokens.*at most 4.*bipartite"):
+        sched.removals(17, 3, protected=1, limit="bipartite")
+    assert Schedule([Budget(keep=4), None]).counts(17, 2, protected=1, limit="fuse") == [(17, 5), (5, 5)]
+    assert Schedule.geometric(final=0.1).counts(17, 2, protected=1, limit="bipartite") == [(17, 9), (9, 5)]
+    assert Schedule([0.0, 0.0]).counts(8, 2) == [(8, 1), (1, 1)]  # nothing protected: one token stays
+
+
+def test_schedule_constructor_errors() -> None:
+    for bad in (0.0, 1.5, True, "0.5"):
+        with pytest.raises(UniprunerError, match=r"final is the fraction of the tokens left.*\(0, 1\]"):
+            Schedule.geometric(bad)  # type: ignore[arg-type]
+    with pytest.raises(UniprunerError, match="r must be >= 0"):
+        Schedule.remove(-1)
+    with pytest.raises(UniprunerError, match="inflection in"):
+        Schedule.remove(4, inflection=2.0)
+    with pytest.raises(UniprunerError, match="constant r"):
+        Schedule.remove([1, 2], inflection=0.5)
+    with pytest.raises(UniprunerError, match="list of ints"):
+        Schedule.remove([1.5, 2])  # type: ignore[list-item]
+    with pytest.raises(UniprunerError, match="empty"):
+        Schedule.remove([])
+    with pytest.raises(UniprunerError, match="non-negative"):
+        Schedule.remove([1, 2]).removals(17, 3)
+    with pytest.raises(UniprunerError, match="one entry per layer"):
+        Schedule([0.5]).removals(17, 3)
+    with pytest.raises(UniprunerError, match="limit must be"):
+        Schedule.max_removal(17, limit="halve")
+    with pytest.raises(UniprunerError, match="protected must lie"):
+        Schedule.remove(1).removals(3, 2, protected=4)

@@ -343,23 +343,53 @@ def topk(scores: Tensor, budget: Budget | int | float | Tensor, *, mask: Tensor 
 
 @dataclass(frozen=True)
 class Schedule:
-    """One budget per layer (or per step): ``Schedule([Budget(ratio=.5), Budget(ratio=.25)])``.
+    """How many tokens each layer (or step) keeps: one budget per layer, or a rule resolved per model.
 
-    Entries may be :class:`Budget`, a float (ratio), an int (count) or ``None`` (no pruning at
-    that layer).
+    ``ratio`` keeps its one meaning (the fraction kept) in every kind; protected tokens (CLS,
+    registers, sinks) are never counted or removed.
+
+    * ``Schedule([Budget(ratio=.5), None, 64])`` — one :class:`Budget` per layer, applied to that
+      layer's unprotected tokens (a float is a ratio, an int a count, ``None`` = no reduction);
+      :meth:`constant` and :meth:`linear` build common ones.
+    * :meth:`Schedule.geometric` ``(final=0.25)`` — the unprotected tokens shrink geometrically so
+      that ``final`` of them are left after the last layer (each layer keeps ``final ** (1/L)``).
+    * :meth:`Schedule.remove` ``(16)`` — Token Merging's ``r`` (Bolya et al., ICLR 2023): a count of
+      tokens removed by every layer, optionally with ToMe's inflection, or one count per layer.
+
+    The last two depend on the model (its number of layers and tokens): :meth:`removals` and
+    :meth:`counts` resolve any schedule for an input of ``n0`` tokens and ``n_layers`` layers,
+    with the cap a reduction imposes (:meth:`max_removal`).
 
     >>> s = Schedule.linear(1.0, 0.5, 3)
     >>> [b.ratio for b in s]
     [1.0, 0.75, 0.5]
+    >>> Schedule.remove(8).counts(17, 2, protected=1, limit="bipartite")  # capped at half in layer 1
+    [(17, 9), (9, 5)]
+    >>> Schedule.geometric(final=0.25).counts(17, 2, protected=1)
+    [(17, 9), (9, 5)]
     """
 
     budgets: tuple[Budget | None, ...]
+    final: float | None = None
+    r: int | tuple[int, ...] | None = None
+    inflection: float = 0.0
 
     def __init__(self, budgets: Sequence[Budget | float | int | None]) -> None:
         if len(budgets) == 0:
             raise UniprunerError("a Schedule needs at least one entry")
         out = tuple(None if b is None else Budget.coerce(b) for b in budgets)
         object.__setattr__(self, "budgets", out)
+        object.__setattr__(self, "final", None)
+        object.__setattr__(self, "r", None)
+        object.__setattr__(self, "inflection", 0.0)
+
+    @classmethod
+    def _rule(cls, *, final: float | None = None, r: int | tuple[int, ...] | None = None,
+              inflection: float = 0.0) -> Schedule:
+        obj = object.__new__(cls)
+        for name, value in (("budgets", ()), ("final", final), ("r", r), ("inflection", inflection)):
+            object.__setattr__(obj, name, value)
+        return obj
 
     @classmethod
     def constant(cls, budget: Budget | float | int, n_layers: int) -> Schedule:
@@ -376,20 +406,188 @@ class Schedule:
         return cls([Budget(ratio=round(start + (end - start) * i / (n_layers - 1), 10))
                     for i in range(n_layers)])
 
+    @classmethod
+    def geometric(cls, final: float) -> Schedule:
+        """Shrink the unprotected tokens geometrically, leaving ``final`` of them after the last layer.
+
+        Layer ``l`` (0-based, of ``L``) leaves ``round(final ** ((l + 1) / L) * (n0 - protected))``
+        unprotected tokens (at least one when nothing is protected), i.e. every layer keeps
+        ``final ** (1 / L)`` of its tokens. A layer that cannot remove that many (see
+        :meth:`max_removal`) removes what it can.
+
+        >>> Schedule.geometric(final=0.15).counts(65, 4, protected=1)
+        [(65, 41), (41, 26), (26, 16), (16, 11)]
+        """
+        if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0.0 < float(final) <= 1.0:
+            raise UniprunerError(
+                f"final is the fraction of the tokens left after the last layer, in (0, 1]; got {final!r}"
+            )
+        return cls._rule(final=float(final))
+
+    @classmethod
+    def remove(cls, r: int | Sequence[int], inflection: float = 0.0) -> Schedule:
+        """Remove ``r`` tokens at every layer (Token Merging's ``r``; Bolya et al., ICLR 2023).
+
+        ``inflection`` in ``[-1, 1]`` makes the count change linearly across layers with the same
+        mean (-1: decreasing, 0: constant, +1: increasing; see :func:`r_schedule`); a list gives one
+        count per layer. As in ToMe, later layers are capped silently when too few tokens remain;
+        a first reduction that cannot be met is an error.
+
+        >>> Schedule.remove(4, inflection=-1.0).removals(17, 3, protected=1, limit="bipartite")
+        [8, 4, 0]
+        """
+        if isinstance(r, bool) or isinstance(inflection, bool) or not isinstance(inflection, (int, float)):
+            raise UniprunerError(f"r must be an int or a list of ints and inflection a number; got {r!r}, "
+                                 f"{inflection!r}")
+        infl = float(inflection)
+        if isinstance(r, int):
+            r_schedule(r if infl == 0.0 else (r, infl), 1)  # validates r >= 0 and inflection in [-1, 1]
+            return cls._rule(r=r, inflection=infl)
+        if not isinstance(r, Sequence) or isinstance(r, str) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in r):
+            raise UniprunerError(f"r must be an int or a list of ints (one per layer), got {r!r}")
+        if infl != 0.0:
+            raise UniprunerError("an inflection applies to a constant r, not to a list of counts")
+        if len(r) == 0:
+            raise UniprunerError("an explicit r schedule needs one count per layer, got an empty list")
+        rs = tuple(int(x) for x in r)
+        r_schedule(list(rs), len(rs))  # validates: non-negative, at least one layer
+        return cls._rule(r=rs)
+
+    @property
+    def kind(self) -> str:
+        """``"budgets"`` (one per layer), ``"geometric"`` or ``"remove"``."""
+        if self.final is not None:
+            return "geometric"
+        if self.r is not None:
+            return "remove"
+        return "budgets"
+
+    def __repr__(self) -> str:
+        if self.final is not None:
+            return f"Schedule.geometric(final={self.final!r})"
+        if self.r is not None:
+            r = list(self.r) if isinstance(self.r, tuple) else self.r
+            return f"Schedule.remove({r!r}" + (f", inflection={self.inflection!r})" if self.inflection else ")")
+        if len(self.budgets) > 1 and len(set(self.budgets)) == 1 and self.budgets[0] is not None:
+            return f"Schedule.constant({self.budgets[0]!r}, {len(self.budgets)})"
+        return f"Schedule({list(self.budgets)!r})"
+
+    def _per_layer(self) -> tuple[Budget | None, ...]:
+        if self.kind != "budgets":
+            raise UniprunerError(
+                f"{self!r} depends on the model (its layers and tokens): resolve it with "
+                ".removals(n0, n_layers) or .counts(n0, n_layers)"
+            )
+        return self.budgets
+
+    def __bool__(self) -> bool:
+        return True
+
     def __len__(self) -> int:
-        return len(self.budgets)
+        return len(self._per_layer())
 
     def __iter__(self) -> Iterator[Budget | None]:
-        return iter(self.budgets)
+        return iter(self._per_layer())
 
     def __getitem__(self, layer: int) -> Budget | None:
-        if not -len(self.budgets) <= layer < len(self.budgets):
-            raise UniprunerError(f"layer {layer} is outside this {len(self.budgets)}-layer schedule")
-        return self.budgets[layer]
+        budgets = self._per_layer()
+        if not -len(budgets) <= layer < len(budgets):
+            raise UniprunerError(f"layer {layer} is outside this {len(budgets)}-layer schedule")
+        return budgets[layer]
+
+    @staticmethod
+    def max_removal(n: int, *, protected: int = 0, limit: str = "protected") -> tuple[int, str]:
+        """The most tokens one layer can remove out of ``n``, and why.
+
+        ``limit`` is what the reduction allows: ``"protected"`` (drop, merge into kept tokens,
+        pooling: the protected tokens, or one token when none are protected, always stay),
+        ``"fuse"`` (EViT's fusion also keeps one fused token) or ``"bipartite"`` (ToMe's bipartite
+        soft matching merges at most half of the unprotected tokens; Bolya et al., ICLR 2023).
+
+        >>> Schedule.max_removal(17, protected=1, limit="bipartite")
+        (8, 'bipartite matching merges at most half of the unprotected tokens')
+        """
+        floor = max(protected, 1)
+        if limit == "bipartite":
+            cap, why = (n - protected) // 2, "bipartite matching merges at most half of the unprotected tokens"
+        elif limit == "fuse":
+            cap, why = n - floor - 1, "fusing keeps the protected tokens plus one fused token"
+        elif limit == "protected":
+            cap, why = n - floor, f"the {floor} protected token(s) always stay"
+        else:
+            raise UniprunerError(f"limit must be 'protected', 'fuse' or 'bipartite', got {limit!r}")
+        return max(cap, 0), why
+
+    def removals(self, n0: int, n_layers: int, *, protected: int = 0, limit: str = "protected",
+                 who: str = "the method") -> list[int]:
+        """Tokens removed by each layer for an input of ``n0`` tokens (``protected`` of them leading).
+
+        A per-layer budget applies to that layer's unprotected tokens (and keeps at least one token
+        when none are protected); every layer is capped by :meth:`max_removal` for ``limit``. A
+        budget schedule that asks a layer for more than its cap is an error, as is the first
+        reducing layer of a :meth:`remove` schedule (ToMe caps later layers silently); a
+        :meth:`geometric` schedule is capped silently. ``who`` names the method in errors.
+
+        >>> Schedule([0.5, None, Budget(keep=2)]).removals(17, 3, protected=1)
+        [8, 0, 6]
+        """
+        if n_layers < 1:
+            raise UniprunerError(f"n_layers must be >= 1, got {n_layers}")
+        if not 0 <= protected <= n0:
+            raise UniprunerError(f"protected must lie in [0, n0 = {n0}], got {protected}")
+        self.max_removal(n0, protected=protected, limit=limit)  # validates limit
+        kind, p = self.kind, protected
+        if kind == "budgets" and len(self.budgets) != n_layers:
+            raise UniprunerError(
+                f"this schedule has {len(self.budgets)} entries but the model has {n_layers} layers; "
+                "give one entry per layer"
+            )
+        rs: list[int] = []
+        if kind == "remove":
+            rs = r_schedule(list(self.r) if isinstance(self.r, tuple) else (int(self.r or 0), self.inflection),
+                            n_layers)
+        least = 0 if p else 1
+        out: list[int] = []
+        n, first = n0, True
+        for layer in range(n_layers):
+            if kind == "remove":
+                want = rs[layer]
+            elif kind == "geometric":
+                target = max(round(float(self.final or 0.0) ** ((layer + 1) / n_layers) * (n0 - p)), least)
+                want = max(n - p - target, 0)
+            else:
+                b = self.budgets[layer]
+                want = 0 if b is None else (n - p) - max(b.count(n - p), least)
+            cap, why = self.max_removal(n, protected=p, limit=limit)
+            if want > cap and (kind == "budgets" or (kind == "remove" and first)):
+                raise UniprunerError(
+                    f"{self!r} asks layer {layer} to remove {want} of its {n} tokens, but {who} can remove "
+                    f"at most {cap} there ({why}); ask for fewer"
+                )
+            want = min(max(want, 0), cap)
+            if want > 0:
+                first = False
+            out.append(want)
+            n -= want
+        return out
+
+    def counts(self, n0: int, n_layers: int, *, protected: int = 0, limit: str = "protected",
+               who: str = "the method") -> list[tuple[int, int]]:
+        """``(tokens in, tokens out)`` of every layer (:meth:`removals` as running counts).
+
+        >>> Schedule.remove(3).counts(17, 3, protected=1, limit="bipartite")
+        [(17, 14), (14, 11), (11, 8)]
+        """
+        out, n = [], n0
+        for r in self.removals(n0, n_layers, protected=protected, limit=limit, who=who):
+            out.append((n, n - r))
+            n -= r
+        return out
 
 
 def r_schedule(r: int | tuple[int, float] | Sequence[int], n_layers: int) -> list[int]:
-    """Tokens merged per layer for ToMe-style schedules.
+    """Tokens merged per layer for ToMe-style schedules (the arithmetic of :meth:`Schedule.remove`).
 
     Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023. ``r`` is an int (constant),
     ``(r, inflection)`` with ``inflection`` in ``[-1, 1]`` (-1: decreasing across layers,
