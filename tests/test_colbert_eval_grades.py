@@ -85,6 +85,19 @@ def test_bad_grades_raise(tmp_path: Path, bad: object) -> None:
         load_beir(root, grades=bad)  # type: ignore[arg-type]
 
 
+def test_gzipped_corpus_is_read_like_the_plain_one(tmp_path: Path) -> None:
+    root = _beir(tmp_path / "cran", readme=True)
+    plain = load_beir(root)
+    corpus = root / "corpus.jsonl"
+    (root / "corpus.jsonl.gz").write_bytes(gzip.compress(corpus.read_bytes()))
+    corpus.unlink()
+    assert load_beir(root) == plain  # the dataset directory finds corpus.jsonl.gz
+    assert load_beir(root / "corpus.jsonl.gz", root / "queries.jsonl", root / "qrels" / "test.tsv") == plain
+    (root / "corpus.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(UniprunerError, match="not a readable gzip file"):
+        load_beir(root)
+
+
 def test_bundled_cranfield_gains_match_ir_datasets() -> None:
     """The Cranfield cut bundled with the package (``scripts/make_cranfield_fixture.py``) reads as Cleverdon codes.
 
