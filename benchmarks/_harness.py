@@ -125,14 +125,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def shared_data(*parts: str) -> Path:
-    """Path under ``../shared/data``; a clear error when the folder is missing."""
+    """Path under ``../shared/data``; when it is missing, a one-line message and exit status 1 (no traceback).
+
+    Only the benchmarks read ``../shared/data``; the demo and the tests use what the repository contains.
+    """
     base = Path(os.environ.get("UNIPRUNER_DATA", ROOT.parent / "shared" / "data"))
     path = base.joinpath(*parts)
     if not path.exists():
-        raise FileNotFoundError(
-            f"evaluation data {path} is missing: the benchmarks read ../shared/data next to the "
-            "project (or set UNIPRUNER_DATA to its location)"
-        )
+        raise SystemExit(f"error: evaluation data {path} is missing: the benchmarks read ../shared/data next to "
+                         "the project (or set UNIPRUNER_DATA to its location); make demo / make test do not need it")
     return path
 
 
