@@ -29,7 +29,8 @@ from unipruner.adapters import colbert
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures" / "colbert"
-CRANFIELD = ROOT.parent / "shared" / "data" / "ir" / "cranfield"
+# the Cranfield cut bundled with unipruner holds every judgement on the fixture documents (make_cranfield_fixture.py)
+CRANFIELD = ROOT / "unipruner" / "data" / "cranfield_small"
 
 
 def ndcg_at_10(ranked: list[str], rel: dict[str, int]) -> float:
