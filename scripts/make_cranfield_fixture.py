@@ -1,6 +1,6 @@
 """Cut the small Cranfield collection bundled with unipruner (``unipruner/data/cranfield_small/``).
 
-Run with the project's venv, next to ``../shared`` (the only place this script reads)::
+Run with the project's venv, next to ``../shared`` (its only input)::
 
     .venv/bin/python scripts/make_cranfield_fixture.py [--src ../shared/data/ir/cranfield]
 
