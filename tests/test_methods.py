@@ -30,6 +30,7 @@ def make_signals(g: torch.Generator, n: int = N) -> dict[str, object]:
         "token_ids": ids,
         "doc_freq": torch.randint(1, 20, (50,), generator=g),
         "n_docs": 40,
+        "stop_ids": torch.tensor([1, 2, 3]),
         "hw": (4, n // 4),
     }
 

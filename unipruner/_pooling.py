@@ -2,7 +2,9 @@
 
 * :func:`ward_labels`: exact Ward agglomerative clustering, batched over many sequences at once
   (stored distance matrix, Lance–Williams updates, nearest-neighbour arrays).
-* :func:`kmeans_labels`: batched Lloyd's k-means with k-means++ seeding.
+* :func:`ward_cosine_labels`: the same merge loop on PyLate's criterion, Ward fed ``1 - cos``.
+* :func:`kmeans_labels`: batched Lloyd's k-means with k-means++ seeding (or faiss, one call per row).
+* :func:`sequential_labels`: 1-D pooling, equal runs of consecutive tokens.
 * :func:`pool` / :func:`pool_plan`: token pooling of multi-vector documents (Clavié, Chaffin &
   Adams 2024): protected leading tokens kept, the rest replaced by cluster means.
 * :func:`recycle`: pruned tokens folded into a few aggregate tokens (SparseVLM-style recycling).
@@ -17,20 +19,25 @@ import math
 from types import SimpleNamespace
 from typing import overload
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._merge import MergePlan
 from ._ops import batched_gather, l2_normalize, pairwise_sq_dist
+from ._threads import limit_threads
 from ._validate import check_finite, check_mask, check_tokens
 from .errors import UniprunerError
 
-__all__ = ["kmeans_labels", "pool", "pool_plan", "recycle", "ward_labels"]
+__all__ = ["kmeans_labels", "pool", "pool_plan", "recycle", "sequential_labels", "ward_cosine_labels",
+           "ward_labels"]
 
 #: Memory budget of one chunk's ``[chunk, N, N]`` distance matrix in :func:`ward_labels`.
 WARD_CHUNK_BYTES = 32 * 2**20
 
 _METHODS = ("ward", "kmeans")
+#: k-means solvers of :func:`kmeans_labels`
+KMEANS_BACKENDS = ("torch", "faiss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,9 +275,58 @@ def ward_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = No
     return _ward(x, k, valid, normalize=normalize, chunk_size=chunk_size)
 
 
+def ward_cosine_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = None,
+                       chunk_size: int | None = None) -> Tensor:
+    """Ward agglomeration on cosine distances, PyLate's pooling criterion, batched.
+
+    Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector Retrieval with Minimal
+    Performance Impact via Token Pooling", 2024, as implemented in PyLate's ``pool_factor``:
+    scipy's Ward linkage is handed the cosine distances ``1 - cos`` of the (L2-normalised)
+    vectors as if they were Euclidean distances, i.e. the Lance–Williams recurrence of Ward runs
+    on ``(1 - cos)^2``. That is not a Euclidean geometry on the tokens (unlike
+    :func:`ward_labels`), but it favours tight clusters of near-parallel vectors and retained
+    more nDCG@10 on Cranfield (docs/benchmarks_colbert.md). The merge loop, chunking and
+    validation are those of :func:`ward_labels`.
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``
+    n_clusters : int or Tensor ``[B]``
+        Clusters per row, clamped to the row's number of valid tokens.
+    mask : Tensor ``[B, N]``, optional
+        Validity mask.
+    chunk_size : int, optional
+        Sequences clustered together (default: by :data:`WARD_CHUNK_BYTES`).
+
+    Returns
+    -------
+    Tensor ``[B, N]`` long
+        Labels ``0 .. k_b - 1`` by first member, ``-1`` at masked positions; the partition of
+        ``scipy.cluster.hierarchy.linkage(condensed 1 - cos, method="ward")`` cut with
+        ``fcluster(criterion="maxclust")`` except under exact ties.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [1.0, 0.05]]])
+    >>> ward_cosine_labels(x, 2)
+    tensor([[0, 1, 0, 1, 0]])
+    """
+    x = check_tokens(x, "x")
+    _check_finite_tokens(x)
+    b, n, _ = x.shape
+    mask = check_mask(mask, b, n)
+    valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+    k = _cluster_counts(n_clusters, valid.sum(dim=1), n)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise UniprunerError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return _ward(x, k, valid, normalize=True, chunk_size=chunk_size, cosine=True)
+
+
 def _ward(x: Tensor, k: Tensor, valid: Tensor, *, normalize: bool,
-          chunk_size: int | None = None) -> Tensor:
-    """Unchecked core of :func:`ward_labels` (``k`` already clamped per row)."""
+          chunk_size: int | None = None, cosine: bool = False) -> Tensor:
+    """Unchecked core of :func:`ward_labels` (``k`` already clamped per row); ``cosine``: the
+    distances are ``(1 - cos)^2`` (:func:`ward_cosine_labels`)."""
     b, n, dim = x.shape
     dev = x.device
     wdt = _work_dtype(x)
@@ -288,7 +344,7 @@ def _ward(x: Tensor, k: Tensor, valid: Tensor, *, normalize: bool,
         flat = flat.index_select(0, (order + offset).view(-1))
     xs = flat.view(b, n, dim)
     inv = None
-    if normalize:
+    if normalize and not cosine:
         inv = 1.0 / torch.linalg.vector_norm(xs, dim=-1, dtype=wdt).clamp_(min=1e-12)
     steps = nv - k
     # most merges first: finished rows then form a suffix of every chunk
@@ -315,7 +371,11 @@ def _ward(x: Tensor, k: Tensor, valid: Tensor, *, normalize: bool,
         cc = stop - start
         sel = batch_order[start:stop]
         xc = (xs[start:stop] if in_order else xs.index_select(0, sel))[:, :m].to(wdt)
-        if inv is not None:
+        if cosine:
+            # PyLate: 1 - cos of the normalised vectors, squared by Ward's Lance–Williams form
+            u = l2_normalize(xc)
+            d = torch.bmm(u, u.transpose(1, 2)).neg_().add_(1.0).clamp_(min=0.0).square_()
+        elif inv is not None:
             xbuf = buffers.x
             if xbuf is None or xbuf.numel() < cc * m * dim:
                 xbuf = buffers.x = torch.empty(cc * m * dim, dtype=wdt, device=dev)
@@ -338,7 +398,10 @@ def _ward(x: Tensor, k: Tensor, valid: Tensor, *, normalize: bool,
         if not bool(vc.all()):
             d.masked_fill_(~vc.unsqueeze(1), math.inf)
         d.diagonal(dim1=1, dim2=2).fill_(math.inf)
-        return _ward_chunk(d, vc, steps_s[start:stop])
+        # a loop of many small ops: extra intra-op threads only synchronise (and, under CPU
+        # contention, slow it down more than tenfold); the caller's thread count is restored
+        with limit_threads(1 if d.device.type == "cpu" else None):
+            return _ward_chunk(d, vc, steps_s[start:stop])
 
     results = [run(bd) for bd in bounds]
     roots = pos.expand(b, n).clone()
@@ -377,7 +440,8 @@ def _sample_rows(weights: Tensor, valid: Tensor, gen: torch.Generator) -> Tensor
 
 
 def kmeans_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = None,
-                  n_iter: int = 20, seed: int = 0, normalize: bool = True) -> Tensor:
+                  n_iter: int = 20, seed: int = 0, normalize: bool = True,
+                  backend: str = "torch") -> Tensor:
     """Batched k-means (Lloyd's algorithm) with k-means++ seeding.
 
     Lloyd, "Least Squares Quantization in PCM", IEEE Trans. Information Theory 1982; seeding by
@@ -401,12 +465,20 @@ def kmeans_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = 
     normalize : bool
         L2-normalise the vectors first (default; Euclidean k-means on unit vectors, centroids
         are plain means).
+    backend : {"torch", "faiss"}
+        ``"torch"``: the batched Lloyd iterations above. ``"faiss"``: one ``faiss.Kmeans`` per
+        row (Johnson, Douze & Jégou, "Billion-scale similarity search with GPUs", 2019), the
+        same objective on the same (normalised) vectors with the same ``k``, ``n_iter`` Lloyd
+        iterations, faiss's random initialisation (seeded with ``seed + 1``) and one OpenMP
+        thread; results differ from the torch backend only through the solver's
+        initialisation (and faiss may leave a cluster empty: labels then stay compact).
+        Needs ``faiss-cpu`` (the ``colbert`` extra).
 
     Returns
     -------
     Tensor ``[B, N]`` long
         Labels ``0 .. k_b - 1`` numbered by each cluster's first member (every cluster is
-        non-empty), ``-1`` at masked positions.
+        non-empty; with faiss, labels are compact), ``-1`` at masked positions.
 
     Examples
     --------
@@ -422,9 +494,79 @@ def kmeans_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = 
         raise UniprunerError(f"n_iter must be a non-negative int, got {n_iter!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UniprunerError(f"seed must be an int, got {seed!r}")
+    if backend not in KMEANS_BACKENDS:
+        raise UniprunerError(f"k-means backend must be one of {KMEANS_BACKENDS}, got {backend!r}")
     valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
     k = _cluster_counts(n_clusters, valid.sum(dim=1), n)
+    if backend == "faiss":
+        return _faiss_kmeans(x, k, valid, n_iter=n_iter, seed=seed, normalize=normalize)
     return _kmeans(x, k, valid, n_iter=n_iter, seed=seed, normalize=normalize)
+
+
+def _faiss_kmeans(x: Tensor, k: Tensor, valid: Tensor, *, n_iter: int, seed: int,
+                  normalize: bool) -> Tensor:
+    """The ``backend="faiss"`` path of :func:`kmeans_labels`: one ``faiss.Kmeans`` per row."""
+    from .models import require
+
+    faiss = require("faiss", "colbert")
+    b, n, dim = x.shape
+    xw = x.detach().to("cpu", torch.float32)
+    if normalize:
+        xw = l2_normalize(xw)
+    pts_all = xw.contiguous().numpy()
+    lab = torch.full((b, n), -1, dtype=torch.long)
+    valid_cpu = valid.cpu()
+    with limit_threads(1, faiss=faiss):  # many small problems: one thread each is fastest
+        for i in range(b):  # faiss clusters one point set per call
+            idx = valid_cpu[i].nonzero().view(-1)
+            m, ki = int(idx.numel()), int(k[i])
+            if m == 0:
+                continue
+            if ki >= m:
+                lab[i, idx] = torch.arange(m)
+                continue
+            pts = np.ascontiguousarray(pts_all[i, idx.numpy()])
+            km = faiss.Kmeans(dim, ki, niter=n_iter, seed=seed + 1, min_points_per_centroid=1,
+                              max_points_per_centroid=1 << 30, verbose=False)
+            km.train(pts)
+            _, a = km.index.search(pts, 1)
+            lab[i, idx] = torch.from_numpy(a[:, 0].astype(np.int64))
+    kmax = int(k.max()) if b else 0
+    return _relabel_by_first_member(lab.to(x.device), valid, kmax)
+
+
+def sequential_labels(n_clusters: Tensor | int, mask: Tensor) -> Tensor:
+    """1-D pooling: each row's valid tokens split into ``k`` runs of consecutive tokens.
+
+    The sequential pooling baseline of Clavié, Chaffin & Adams, "Reducing the Footprint of
+    Multi-Vector Retrieval with Minimal Performance Impact via Token Pooling", 2024: the
+    ``r``-th of a row's ``n`` valid tokens (in order) joins run ``floor(r * k / n)``, so the runs
+    have (almost) equal lengths and every run is non-empty.
+
+    Parameters
+    ----------
+    n_clusters : int or Tensor ``[B]``
+        Runs per row, clamped to ``[1, n_valid]``.
+    mask : Tensor ``[B, N]`` bool
+        Validity mask (the tokens to pool).
+
+    Returns
+    -------
+    Tensor ``[B, N]`` long
+        Labels ``0 .. k_b - 1`` (in sequence order), ``-1`` at masked positions.
+
+    Examples
+    --------
+    >>> sequential_labels(2, torch.tensor([[True, True, True, True, True, False]]))
+    tensor([[ 0,  0,  0,  1,  1, -1]])
+    """
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.dtype != torch.bool:
+        raise UniprunerError("mask must be a bool tensor [B, N]")
+    nv = mask.sum(dim=1)
+    k = _cluster_counts(n_clusters, nv, mask.shape[1])
+    rank = mask.long().cumsum(dim=1) - 1
+    lab = torch.div(rank * k.unsqueeze(1), nv.clamp(min=1).unsqueeze(1), rounding_mode="floor")
+    return lab.masked_fill(~mask, -1)
 
 
 def _kmeans(x: Tensor, k: Tensor, valid: Tensor, *, n_iter: int, seed: int,

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from . import _pooling
 from . import reduce as _reduce
 from ._merge import MergeFn, MergePlan, UnmergeFn
 from ._validate import check_mask, check_tokens, valid_counts
@@ -106,6 +107,9 @@ class Method(ABC):
     domains: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
+    #: scores comparable across sequences, so one budget may be spent over a whole collection by
+    #: score (ColBERT ``scope="global"``, Lassance et al. 2021); scoring methods only
+    global_scope: ClassVar[bool] = False
 
     budget: Budget = field(default_factory=_budget_default)
     protected: int = 0
@@ -345,6 +349,7 @@ class HiddenNorm(ScoringMethod):
     )
     domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "kv", "colbert")
     summary: ClassVar[str] = "||h_j||_2"
+    global_scope: ClassVar[bool] = True
 
     def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         return importance.hidden_norm(tokens, mask=mask)
@@ -393,6 +398,7 @@ class IDF(ScoringMethod):
     domains: ClassVar[tuple[str, ...]] = ("colbert", "rag")
     requires: ClassVar[tuple[str, ...]] = ("token_ids", "doc_freq", "n_docs")
     summary: ClassVar[str] = "BM25 idf of the token id (needs the collection's document frequencies)"
+    global_scope: ClassVar[bool] = True
 
     def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         return importance.idf(self._need(signals, "token_ids"), self._need(signals, "doc_freq"),
@@ -409,7 +415,7 @@ class QuerySimilarity(ScoringMethod):
         "Chen et al., Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by "
         "Text Information, 2024"
     )
-    domains: ClassVar[tuple[str, ...]] = ("vlm", "rag", "colbert")
+    domains: ClassVar[tuple[str, ...]] = ("vlm", "rag")
     requires: ClassVar[tuple[str, ...]] = ("query",)
     summary: ClassVar[str] = "cos(token, query)"
 
@@ -519,7 +525,7 @@ class MMR(Method):
     name: ClassVar[str] = "mmr"
     family: ClassVar[str] = "diversity"
     paper: ClassVar[str] = "Carbonell & Goldstein, The Use of MMR, Diversity-Based Reranking, SIGIR 1998"
-    domains: ClassVar[tuple[str, ...]] = ("rag", "vlm", "colbert")
+    domains: ClassVar[tuple[str, ...]] = ("rag", "vlm")
     requires: ClassVar[tuple[str, ...]] = ("query",)
     summary: ClassVar[str] = "lambda * cos(q, d) - (1 - lambda) * max cos(d, chosen)"
     lambda_: float = 0.5
@@ -687,17 +693,20 @@ class _Pooling(MergingMethod):
     def _rounds(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
                 ) -> tuple[MergePlan, Tensor]:
         b, n = tokens.shape[:2]
-        p = self.protected
+        p = min(self.protected, n)
         nv = valid_counts(mask, b, n, tokens.device)
         if self.budget.data_dependent:
-            raise UniprunerError(f"{self.name!r} needs a ratio or keep budget")
-        k = torch.maximum(self.budget.counts(nv, n_max=n), torch.full_like(nv, p))
-        rest_mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device) if mask is None else mask.clone()
-        rest_mask[:, :p] = False
-        n_clusters = (k - p).clamp(min=1)
+            raise UniprunerError(f"{self.name!r} needs a ratio, keep or pool-factor budget")
+        valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device) if mask is None else mask
+        prot = valid.clone()
+        prot[:, p:] = False  # the first `protected` positions, where valid, stay as they are
+        n_prot = prot.sum(dim=1)
+        k = torch.maximum(self.budget.counts(nv, n_max=n, protected=n_prot), n_prot)
+        rest_mask = valid & ~prot
+        n_clusters = (k - n_prot).clamp(min=1)
         labels = self._cluster(tokens, n_clusters, rest_mask)
         labels = torch.where(rest_mask, labels + p, labels)
-        labels[:, :p] = torch.arange(p, device=tokens.device)
+        labels[:, :p] = torch.where(prot[:, :p], torch.arange(p, device=tokens.device), -1)
         plan = _reduce.plan_from_labels(labels, int((n_clusters + p).max()))
         pos = torch.arange(n, device=tokens.device).expand(b, n).unsqueeze(-1).double()
         pos = torch.where(labels.unsqueeze(-1) < 0, torch.full_like(pos, math.inf), pos)
@@ -732,7 +741,12 @@ class _Pooling(MergingMethod):
 
 @dataclass(frozen=True)
 class WardPool(_Pooling):
-    """Hierarchical (Ward) token pooling on L2-normalised vectors."""
+    """Hierarchical (Ward) token pooling on L2-normalised vectors.
+
+    Clavié, Chaffin & Adams 2024 token pooling with exact Euclidean Ward on unit vectors
+    (:func:`unipruner.reduce.ward_labels`); PyLate's own criterion is :class:`WardCosinePool`.
+    Budgets: :meth:`Budget.pool_factor` for PyLate's ``pool_factor`` count, or a ratio / keep.
+    """
 
     name: ClassVar[str] = "ward_pool"
     summary: ClassVar[str] = "Ward clustering (Euclidean on unit vectors) -> cluster means"
@@ -743,14 +757,153 @@ class WardPool(_Pooling):
 
 @dataclass(frozen=True)
 class KMeansPool(_Pooling):
-    """k-means token pooling (batched Lloyd, k-means++ seeding)."""
+    """k-means token pooling on L2-normalised vectors (Clavié et al. 2024).
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the initialisation.
+    backend : {"torch", "faiss"}
+        ``"torch"``: batched Lloyd iterations with k-means++ seeding, all documents at once.
+        ``"faiss"``: one ``faiss.Kmeans`` per document (needs faiss-cpu). Both solve the same
+        problem (same normalisation, same ``k`` per document, same protected tokens, 20 Lloyd
+        iterations); results differ only by the solver's initialisation
+        (:func:`unipruner.reduce.kmeans_labels`).
+    """
 
     name: ClassVar[str] = "kmeans_pool"
-    summary: ClassVar[str] = "k-means clustering -> cluster means"
+    summary: ClassVar[str] = "k-means clustering -> cluster means (torch or faiss)"
     seed: int = 0
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend not in _pooling.KMEANS_BACKENDS:
+            raise UniprunerError(f"kmeans_pool backend must be one of {_pooling.KMEANS_BACKENDS}, "
+                                 f"got {self.backend!r}")
 
     def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
-        return _reduce.kmeans_labels(tokens, n_clusters, mask=mask, seed=self.seed)
+        return _reduce.kmeans_labels(tokens, n_clusters, mask=mask, seed=self.seed, backend=self.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# ColBERT: pooling and static pruning of multi-vector documents (unipruner.adapters.colbert)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WardCosinePool(_Pooling):
+    """Token pooling with PyLate's criterion: Ward fed the cosine distances ``1 - cos``.
+
+    Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector Retrieval with Minimal
+    Performance Impact via Token Pooling", 2024, as in PyLate's ``pool_factor``: scipy's Ward
+    linkage on ``1 - cos`` of the normalised vectors, i.e. Lance–Williams on ``(1 - cos)^2``
+    (:func:`unipruner.reduce.ward_cosine_labels`, batched on the core's Ward merge loop); each
+    cluster becomes the mean of its members. With ``Budget.pool_factor(f)`` and ``protected=p``
+    a document keeps ``p + max((n - p) // f, 1)`` vectors, exactly PyLate's count.
+    """
+
+    name: ClassVar[str] = "ward_cosine_pool"
+    summary: ClassVar[str] = "Ward on (1 - cos)^2 (PyLate's pool_factor criterion) -> cluster means"
+
+    def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
+        return _reduce.ward_cosine_labels(tokens, n_clusters, mask=mask)
+
+
+@dataclass(frozen=True)
+class SequentialPool(_Pooling):
+    """1-D token pooling: runs of consecutive vectors of (almost) equal length become their means.
+
+    The sequential baseline of Clavié, Chaffin & Adams 2024 token pooling
+    (:func:`unipruner.reduce.sequential_labels`).
+    """
+
+    name: ClassVar[str] = "sequential_pool"
+    domains: ClassVar[tuple[str, ...]] = ("colbert",)
+    summary: ClassVar[str] = "equal runs of consecutive tokens -> their means"
+
+    def _cluster(self, tokens: Tensor, n_clusters: Tensor, mask: Tensor) -> Tensor:
+        return _reduce.sequential_labels(n_clusters, mask)
+
+
+@dataclass(frozen=True)
+class First(ScoringMethod):
+    """Keep the first k vectors of every document (positional).
+
+    Lassance et al., "A Study on Token Pruning for ColBERT", 2021: first-k pruning
+    (:func:`unipruner.scorers.importance.leading`); strong on collections that open with a title.
+    """
+
+    name: ClassVar[str] = "first"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Lassance et al., A Study on Token Pruning for ColBERT, 2021"
+    domains: ClassVar[tuple[str, ...]] = ("colbert",)
+    summary: ClassVar[str] = "positional: the first k tokens"
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.leading(tokens.shape[0], tokens.shape[1], mask=mask, device=tokens.device)
+
+
+@dataclass(frozen=True)
+class Duplicates(ScoringMethod):
+    """Drop near-duplicate vectors first: score ``1 - max cos`` to the vectors before each one.
+
+    Acquavia et al., "Static Pruning for Multi-Representation Dense Retrieval", DocEng 2023
+    (:func:`unipruner.scorers.similarity.novelty`); scores are comparable across documents.
+    """
+
+    name: ClassVar[str] = "duplicates"
+    family: ClassVar[str] = "similarity"
+    paper: ClassVar[str] = "Acquavia et al., Static Pruning for Multi-Representation Dense Retrieval, DocEng 2023"
+    domains: ClassVar[tuple[str, ...]] = ("colbert",)
+    summary: ClassVar[str] = "1 - max cos to the earlier tokens (near-duplicates go first)"
+    global_scope: ClassVar[bool] = True
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return similarity.novelty(tokens, mask=mask)
+
+
+@dataclass(frozen=True)
+class Centroid(ScoringMethod):
+    """Keep the vectors most similar to the document's centroid direction.
+
+    Acquavia et al., "Static Pruning for Multi-Representation Dense Retrieval", DocEng 2023
+    (:func:`unipruner.scorers.importance.centroid_similarity`).
+    """
+
+    name: ClassVar[str] = "centroid"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Acquavia et al., Static Pruning for Multi-Representation Dense Retrieval, DocEng 2023"
+    domains: ClassVar[tuple[str, ...]] = ("colbert",)
+    summary: ClassVar[str] = "cos(token, normalised mean of the unit tokens)"
+    global_scope: ClassVar[bool] = True
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.centroid_similarity(tokens, mask=mask)
+
+
+@dataclass(frozen=True)
+class Stopwords(ScoringMethod):
+    """Prune stopwords and punctuation first, then the most frequent tokens (lowest IDF).
+
+    Lassance et al., "A Study on Token Pruning for ColBERT", 2021
+    (:func:`unipruner.scorers.importance.stopword_idf`). Signals: ``token_ids`` ``[B, N]``,
+    ``doc_freq`` / ``n_docs`` (:func:`~unipruner.scorers.importance.idf_table`) and ``stop_ids``
+    (the vocabulary ids of stopwords and punctuation).
+    """
+
+    name: ClassVar[str] = "stopwords"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Lassance et al., A Study on Token Pruning for ColBERT, 2021"
+    domains: ClassVar[tuple[str, ...]] = ("colbert",)
+    requires: ClassVar[tuple[str, ...]] = ("token_ids", "doc_freq", "n_docs", "stop_ids")
+    summary: ClassVar[str] = "stopwords and punctuation first, then by IDF"
+    global_scope: ClassVar[bool] = True
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return importance.stopword_idf(self._need(signals, "token_ids"), self._need(signals, "doc_freq"),
+                                       self._need(signals, "n_docs"), self._need(signals, "stop_ids"),
+                                       mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -761,6 +914,7 @@ _CLASSES: tuple[type[Method], ...] = (
     CLSAttention, LastQueryAttention, TOVA, TextAttention, H2O, SnapKV, VATP, KNorm, HiddenNorm,
     TokenTransition, StreamingLLM, IDF, QuerySimilarity, RandomPrune,
     ToMe, ToMeSD, DART, WardPool, KMeansPool,
+    WardCosinePool, SequentialPool, First, Duplicates, Centroid, Stopwords,  # ColBERT
     ZeroTPrune, GPrune,
     DivPrune, KCenter, MMR,
 )

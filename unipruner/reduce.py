@@ -5,6 +5,8 @@
   size-weighted merging with source tracking and dense unmerging (ToMe, Bolya et al. 2023).
 * :func:`merge_pruned` folds each pruned token into its most similar kept token (EViT-style
   fusion generalised; ToMe's size-weighted mean).
+* :func:`ward_labels`, :func:`ward_cosine_labels` (PyLate's criterion), :func:`kmeans_labels`
+  (torch or faiss) and :func:`sequential_labels` cluster the tokens of every sequence of a batch.
 * :func:`pool` pools documents by Ward hierarchical clustering or k-means (Clavié et al.,
   "Reducing the Footprint of Multi-Vector Retrieval with Minimal Performance Impact via Token
   Pooling", 2024); :func:`recycle` folds pruned tokens into a few aggregate tokens (SparseVLM).
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from ._merge import MergeFn, MergePlan, UnmergeFn
 from ._ops import batched_gather, cosine_matrix
-from ._pooling import kmeans_labels, pool, pool_plan, recycle, ward_labels
+from ._pooling import kmeans_labels, pool, pool_plan, recycle, sequential_labels, ward_cosine_labels, ward_labels
 from ._validate import check_mask
 from .errors import UniprunerError
 
@@ -34,7 +36,9 @@ __all__ = [
     "pool",
     "pool_plan",
     "recycle",
+    "sequential_labels",
     "unmerge_from_source",
+    "ward_cosine_labels",
     "ward_labels",
 ]
 

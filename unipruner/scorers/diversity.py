@@ -92,7 +92,7 @@ def _setup(tokens: object, budget: Budget | int | float | Tensor, mask: Tensor |
                 f"{fname} has no scores to resolve {bud!r}; use Budget(ratio=...) or "
                 "Budget(keep=...)" + (", or pass scores=" if scores_fn is not None else "")
             )
-        counts = bud.counts(nv, n_max=n, scores=scores, mask=mask)
+        counts = bud.counts(nv, n_max=n, scores=scores, mask=mask, protected=prot.sum(dim=1))
     counts = torch.maximum(counts, prot.sum(dim=1))
     return x.to(dtype), valid, prot, counts, scores
 

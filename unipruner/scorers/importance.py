@@ -34,17 +34,20 @@ from ..errors import UniprunerError
 
 __all__ = [
     "accumulated_attention",
+    "centroid_similarity",
     "cls_attention",
     "group_heads",
     "hidden_norm",
     "idf",
     "idf_table",
     "key_norm",
+    "leading",
     "positional",
     "query_attention",
     "query_similarity",
     "random_scores",
     "snapkv",
+    "stopword_idf",
     "stopword_mask",
     "token_transition",
     "value_aware",
@@ -980,3 +983,106 @@ def random_scores(batch: int, n: int, *, generator: torch.Generator | None = Non
         )
     scores = torch.rand(batch, n, generator=generator, device=device)
     return _masked(scores, mask)
+
+
+# ----------------------------------------------------------------------------- static pruning of
+# multi-vector documents (ColBERT): position, centroid, stopwords
+
+
+def leading(batch: int, n: int, *, mask: Tensor | None = None,
+            device: torch.device | str | None = None) -> Tensor:
+    """First-k scores: earlier tokens score higher (``-position``), so ``topk`` keeps the first k.
+
+    The positional baseline of Lassance et al., "A Study on Token Pruning for ColBERT", 2021
+    (keep the first tokens of each document), strong on collections that start with a title.
+
+    Parameters
+    ----------
+    batch, n : int
+        Output shape ``[batch, n]``.
+    mask : Tensor ``[batch, n]``, optional
+        Masked positions score ``-inf``.
+    device : torch.device, optional
+        Defaults to the mask's device (or CPU).
+
+    Returns
+    -------
+    Tensor ``[batch, n]`` float32
+
+    Examples
+    --------
+    >>> leading(1, 4, mask=torch.tensor([[True, True, True, False]]))
+    tensor([[-0., -1., -2., -inf]])
+    """
+    _check_int(batch, "batch", minimum=0)
+    _check_int(n, "n", minimum=1)
+    mask = check_mask(mask, batch, n)
+    if device is None:
+        device = mask.device if mask is not None else torch.device("cpu")
+    scores = -torch.arange(n, dtype=torch.float32, device=device).expand(batch, n)
+    return _masked(scores.clone(), mask)
+
+
+def centroid_similarity(tokens: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """Cosine similarity of each token to its sequence's centroid (higher = more representative).
+
+    Acquavia et al., "Static Pruning for Multi-Representation Dense Retrieval", DocEng 2023
+    (keep the embeddings closest to the document's mean direction): the centroid is the mean of
+    the L2-normalised valid tokens, normalised again.
+
+    Parameters
+    ----------
+    tokens : Tensor ``[B, N, D]``
+    mask : Tensor ``[B, N]``, optional
+
+    Returns
+    -------
+    Tensor ``[B, N]``
+
+    Examples
+    --------
+    >>> centroid_similarity(torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]))
+    tensor([[0.8944, 0.8944, 0.4472]])
+    """
+    x = check_tokens(tokens, "tokens")
+    check_finite(x, "tokens")
+    b, n, _ = x.shape
+    mask = check_mask(mask, b, n)
+    xn = l2_normalize(_work(x))
+    m = (torch.ones(b, n, 1, dtype=xn.dtype, device=xn.device) if mask is None
+         else mask.to(xn.device).unsqueeze(2).to(xn.dtype))
+    centre = l2_normalize((xn * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1))
+    return _masked((xn * centre).sum(dim=2), mask)
+
+
+def stopword_idf(token_ids: Tensor, doc_freq: Tensor, n_docs: int, stop_ids: Tensor | Sequence[int], *,
+                 mask: Tensor | None = None, penalty: float = 1e4) -> Tensor:
+    """IDF scores with stopwords and punctuation ranked below every other token.
+
+    Lassance et al., "A Study on Token Pruning for ColBERT", 2021: prune stopwords and
+    punctuation first, then the most frequent tokens: ``idf(t) - penalty`` for ``t`` in
+    ``stop_ids`` (:func:`stopword_mask`), ``idf(t)`` otherwise (:func:`idf`). ``penalty`` must
+    exceed the largest IDF (``log(n_docs + 1.5)``) for stopwords to go first.
+
+    Parameters
+    ----------
+    token_ids : Tensor ``[B, N]`` integer
+    doc_freq : Tensor ``[V]`` integer
+    n_docs : int
+    stop_ids : Tensor or sequence of int
+    mask : Tensor ``[B, N]``, optional
+    penalty : float
+
+    Returns
+    -------
+    Tensor ``[B, N]`` float32
+
+    Examples
+    --------
+    >>> df, nd = idf_table([[1, 2], [2, 3], [2]], vocab_size=4)
+    >>> stopword_idf(torch.tensor([[2, 1]]), df, nd, [1]) < 0
+    tensor([[False,  True]])
+    """
+    s = idf(token_ids, doc_freq, n_docs, mask=mask)
+    stop = stopword_mask(token_ids, stop_ids)
+    return torch.where(stop, s - penalty, s)

@@ -28,7 +28,7 @@ from .._validate import check_finite, check_mask, check_tokens, protected_mask
 from ..errors import UniprunerError
 from ..select import Budget
 
-__all__ = ["bipartite_soft_matching", "dart", "stride_matching_2d"]
+__all__ = ["bipartite_soft_matching", "dart", "novelty", "stride_matching_2d"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -462,3 +462,39 @@ def dart(tokens: Tensor, budget: Budget | int | float, *, keys: Tensor | None = 
     pos = torch.arange(n, device=dev).expand(b, n)
     idx = torch.sort(pos.masked_fill(~keep, big), dim=1).values[:, :kmax]
     return idx.masked_fill(idx == big, -1)
+
+
+def novelty(tokens: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """How little each token duplicates the tokens before it: ``1 - max_{j < i} cos(x_i, x_j)``.
+
+    Near-duplicate pruning of multi-vector documents (Acquavia et al., "Static Pruning for
+    Multi-Representation Dense Retrieval", DocEng 2023; Lassance et al., "A Study on Token Pruning
+    for ColBERT", 2021): a vector almost parallel to an earlier one adds little to MaxSim, so it
+    scores low. The first valid token of each row scores 2 (nothing before it); masked positions
+    and masked earlier tokens are ignored (masked positions score ``-inf``).
+
+    Parameters
+    ----------
+    tokens : Tensor ``[B, N, D]``
+    mask : Tensor ``[B, N]``, optional
+
+    Returns
+    -------
+    Tensor ``[B, N]`` (float32 for half inputs)
+
+    Examples
+    --------
+    >>> novelty(torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]))
+    tensor([[2., 0., 1.]])
+    """
+    x = check_tokens(tokens, "tokens")
+    check_finite(x, "tokens")
+    b, n, _ = x.shape
+    mask = check_mask(mask, b, n)
+    xw = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    sim = cosine_matrix(xw)  # [B, N, N]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)  # column j < row i
+    ok = earlier.unsqueeze(0) if mask is None else earlier.unsqueeze(0) & mask.unsqueeze(1)
+    mx = sim.masked_fill(~ok, -math.inf).amax(dim=2)
+    s = 1.0 - torch.where(torch.isfinite(mx), mx, torch.full_like(mx, -1.0))
+    return s if mask is None else s.masked_fill(~mask, -math.inf)
