@@ -121,7 +121,7 @@ def latency(rounds: int = 5) -> None:
     question, docs, _ = demo_documents()
     # (label, torch threads, scorer); settings the installed unipruner lacks are left out (this also
     # runs against older versions of the adapter, e.g. to measure a change)
-    settings: list[tuple[str, int, Any]] = [("embedding", 1, "embedding"), ("embedding", 2, "embedding")]
+    settings: list[tuple[str, int, Any]] = [("embedding", 1, "query_similarity"), ("embedding", 2, "query_similarity")]
     try:
         settings.append(("embedding, dtype=bfloat16", 1, EmbeddingScorer(dtype="bfloat16")))
         settings.append(("hybrid", 1, "hybrid"))
@@ -209,8 +209,8 @@ def main() -> None:
         "random": {"scorer": "random"},
         "bm25": {"scorer": "bm25"},
         "bm25+prf": {"scorer": "bm25", "feedback": 1},
-        "embedding": {"scorer": "embedding"},
-        "embedding+prf": {"scorer": "embedding", "feedback": 1},
+        "embedding": {"scorer": "query_similarity"},
+        "embedding+prf": {"scorer": "query_similarity", "feedback": 1},
         "hybrid": {"scorer": "hybrid"},
         "hybrid+prf": {"scorer": "hybrid", "feedback": 1},
         "focal_attention": {"scorer": "focal_attention"},

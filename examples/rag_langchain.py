@@ -31,7 +31,7 @@ def main() -> None:
     store = InMemoryVectorStore(DeterministicFakeEmbedding(size=32))
     store.add_documents(DOCS)
     retriever = ContextualCompressionRetriever(
-        base_compressor=UniprunerCompressor(scorer="embedding", ratio=0.5, strict=False),
+        base_compressor=UniprunerCompressor(scorer="query_similarity", ratio=0.5, strict=False),
         base_retriever=store.as_retriever(search_kwargs={"k": 3}),
     )
     question = "When was the Eiffel Tower completed?"

@@ -907,6 +907,79 @@ class Stopwords(ScoringMethod):
 
 
 # ----------------------------------------------------------------------------------------------
+# text units (RAG): scores that need a tokenizer or a language model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextMethod(Method):
+    """Base of the methods that score units of *text* (sentences, words, chunks) against a query.
+
+    Their scores need a tokenizer or a language model, which only the RAG adapter loads (the core
+    never imports transformers), so they run through :class:`unipruner.rag.ContextPruner`, which
+    takes the registry name or the instance: ``ContextPruner(unipruner.method("bm25", k1=1.2))``.
+    On tensors they refuse with an error that says so.
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ("text", "query")
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        raise UniprunerError(
+            f"{self.name!r} scores text units against a query, not tensors: use "
+            f"unipruner.rag.ContextPruner({self.name!r}, ...)"
+        )
+
+
+@dataclass(frozen=True)
+class BM25(TextMethod):
+    """Okapi BM25 of each unit against the query, the query's units being the collection."""
+
+    name: ClassVar[str] = "bm25"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Robertson & Zaragoza, The Probabilistic Relevance Framework: BM25 and Beyond, 2009"
+    domains: ClassVar[tuple[str, ...]] = ("rag",)
+    summary: ClassVar[str] = "BM25(query, unit) over the retrieved units"
+    k1: float = 1.5
+    b: float = 0.75
+
+
+@dataclass(frozen=True)
+class Hybrid(TextMethod):
+    """BM25 and embedding similarity fused by reciprocal rank."""
+
+    name: ClassVar[str] = "hybrid"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Cormack et al., Reciprocal Rank Fusion outperforms Condorcet, SIGIR 2009"
+    domains: ClassVar[tuple[str, ...]] = ("rag",)
+    summary: ClassVar[str] = "RRF of BM25 and cos(unit, query) ranks"
+    k: float = 60.0
+
+
+@dataclass(frozen=True)
+class FocalAttention(TextMethod):
+    """Attention of a causal LM's focal token (end of question + answer prefix) to each context token."""
+
+    name: ClassVar[str] = "focal_attention"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Fang et al., AttentionRAG: Attention-Guided Context Pruning in RAG, 2025"
+    domains: ClassVar[tuple[str, ...]] = ("rag",)
+    summary: ClassVar[str] = "LM attention of the focal token to the unit"
+    layers: tuple[int, ...] | None = None
+    answer_prefix: str = "Answer:"
+
+
+@dataclass(frozen=True)
+class SelfInformation(TextMethod):
+    """Self-information (surprisal) of each context token under a causal LM, after the question."""
+
+    name: ClassVar[str] = "self_information"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = "Li et al., Compressing Context to Enhance Inference Efficiency of LLMs, EMNLP 2023"
+    domains: ClassVar[tuple[str, ...]] = ("rag",)
+    summary: ClassVar[str] = "-log p(token | question, context before it)"
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -917,6 +990,7 @@ _CLASSES: tuple[type[Method], ...] = (
     WardCosinePool, SequentialPool, First, Duplicates, Centroid, Stopwords,  # ColBERT
     ZeroTPrune, GPrune,
     DivPrune, KCenter, MMR,
+    BM25, Hybrid, FocalAttention, SelfInformation,
 )
 
 REGISTRY: Mapping[str, type[Method]] = MappingProxyType({c.name: c for c in _CLASSES})

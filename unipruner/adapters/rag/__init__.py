@@ -5,16 +5,18 @@ Usage::
     from unipruner import Budget
     from unipruner.adapters.rag import ContextPruner
 
-    pruner = ContextPruner("embedding", Budget(ratio=0.25))
+    pruner = ContextPruner("query_similarity", Budget(ratio=0.25))
     result = pruner.prune(question, [{"text": t, "metadata": m} for t, m in hits])
     print(result.text(), result.stats.ratio)
 
 * :class:`ContextPruner` — sentence / token / chunk units, global or per-document budgets,
   MMR diversity, forced units, exact ratios; returns :class:`PruneResult`
   (:class:`PrunedDocument` list + :class:`PruneStats`).
-* Scorers: :class:`EmbeddingScorer` (all-MiniLM-L6-v2), :class:`FocalAttentionScorer`
-  (AttentionRAG, SmolLM2), :class:`SelfInformationScorer` (LLMLingua / Selective Context,
-  SmolLM2), :class:`BM25Scorer`, :class:`RandomScorer`.
+* Methods: the registry's ``rag`` methods (``unipruner methods --domain rag``; :data:`SCORERS`),
+  by name or instance, each run by a scorer here: ``query_similarity`` (:class:`EmbeddingScorer`,
+  all-MiniLM-L6-v2), ``focal_attention`` (:class:`FocalAttentionScorer`, AttentionRAG, SmolLM2),
+  ``self_information`` (:class:`SelfInformationScorer`, LLMLingua / Selective Context, SmolLM2),
+  ``bm25``, ``idf``, ``hybrid``, ``mmr``, ``random``.
 * :func:`split_sentences` — offline regex sentence splitter.
 * Framework plugins, imported lazily from their submodules:
   ``unipruner.adapters.rag.langchain.UniprunerCompressor`` (LangChain),
@@ -28,10 +30,12 @@ from __future__ import annotations
 from ._demo import demo_section
 from ._pruner import ContextPruner, PrunedDocument, PruneResult, PruneStats, ScoredContext, TokenCounter
 from ._scorers import (
+    SCORERS,
     BM25Scorer,
     EmbeddingScorer,
     FocalAttentionScorer,
     HybridScorer,
+    IDFScorer,
     RandomScorer,
     Scorer,
     SelfInformationScorer,
@@ -42,11 +46,13 @@ from ._scorers import (
 from ._split import split_sentences, split_units, unit_spans
 
 __all__ = [
+    "SCORERS",
     "BM25Scorer",
     "ContextPruner",
     "EmbeddingScorer",
     "FocalAttentionScorer",
     "HybridScorer",
+    "IDFScorer",
     "PruneResult",
     "PruneStats",
     "PrunedDocument",

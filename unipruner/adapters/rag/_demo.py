@@ -113,7 +113,7 @@ def demo_section(console: Any, ratio: float) -> None:
     console.rule(f"[bold]rag: pruning a HotpotQA question's 10 paragraphs to {ratio:.0%} of their tokens")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     question, docs, answers = demo_documents()
-    pruner = ContextPruner("embedding", Budget(ratio=ratio))
+    pruner = ContextPruner("query_similarity", Budget(ratio=ratio))
     t0 = time.perf_counter()
     result = pruner.prune(question, docs)
     dt = time.perf_counter() - t0

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ...errors import UniprunerError
+from ...methods import MMR, Method
 from ...scorers.diversity import mmr
 from ...select import Budget, knee_count
 from ._scorers import EmbeddingScorer, Scorer, make_scorer
@@ -32,7 +33,7 @@ _WORDPIECE = re.compile(r"\w+|[^\w\s]")
 #: (questions 100-249 of ``hotpotqa_distractor_dev250``; ``benchmarks/rag.py --start 100``): the
 #: embedding scorer's 4x answer survival is 0.90 at 0.25 vs 0.86 at 0.5; BM25 is flat in it and
 #: the hybrid scorer is best at 0.5.
-DEFAULT_CONTEXT_WEIGHT: dict[str, float] = {"embedding": 0.25}
+DEFAULT_CONTEXT_WEIGHT: dict[str, float] = {"query_similarity": 0.25}
 
 
 class TokenCounter:
@@ -227,9 +228,12 @@ class ContextPruner:
 
     Parameters
     ----------
-    scorer : str or Scorer
-        ``"embedding"`` (default, all-MiniLM-L6-v2), ``"focal_attention"``,
-        ``"self_information"`` (SmolLM2-135M-Instruct), ``"bm25"``, ``"random"``, or an object.
+    scorer : str, Method or Scorer
+        A registry method of the ``rag`` domain, by name or instance (``unipruner methods --domain
+        rag``): ``"query_similarity"`` (default, all-MiniLM-L6-v2 embeddings), ``"bm25"``, ``"idf"``,
+        ``"hybrid"``, ``"focal_attention"``, ``"self_information"`` (SmolLM2-135M-Instruct),
+        ``"mmr"`` (query similarity with MMR selection, ``diversity`` = its ``lambda_``),
+        ``"random"``; or a scorer object.
     budget : Budget
         ``Budget(ratio=r)`` (fraction of tokens kept), ``Budget(keep=n)`` (tokens kept),
         ``Budget(threshold=t)`` (units scoring ``>= t``) or ``Budget.auto()`` (units before the
@@ -251,7 +255,7 @@ class ContextPruner:
         Hugging Face tokenizer used to count tokens (default: words and punctuation).
     context_weight : float, optional
         Weight in ``[0, 1]`` of the document's own relevance in each unit's score (default: 0.25
-        for the embedding scorer, 0.5 for the others; see ``DEFAULT_CONTEXT_WEIGHT``):
+        for ``query_similarity``, 0.5 for the others; see ``DEFAULT_CONTEXT_WEIGHT``):
         ``(1 - w) z(unit) + w z(document)`` with ``z`` the standardisation over the query's units
         / documents (a hierarchical score, as sentence-in-context rerankers use). The document
         score is the scorer's score of the whole document when the scorer is cheap
@@ -277,11 +281,14 @@ class ContextPruner:
     'Paris is in France.'
     """
 
-    def __init__(self, scorer: str | Scorer = "embedding", budget: Budget | float | int | None = None, *,
+    def __init__(self, scorer: str | Method | Scorer = "query_similarity",
+                 budget: Budget | float | int | None = None, *,
                  granularity: str = "sentence", scope: str = "global", diversity: float | None = None,
                  keep_order: bool = True, force_keep: Sequence[str] = (), strict: bool = True,
                  tokenizer: Any = None, context_weight: float | None = None, feedback: int = 0,
                  lead_weight: float = 0.0) -> None:
+        if diversity is None and (scorer == "mmr" or isinstance(scorer, MMR)):
+            diversity = scorer.lambda_ if isinstance(scorer, MMR) else MMR().lambda_
         self.scorer = make_scorer(scorer)
         self.budget = Budget(ratio=0.25) if budget is None else Budget.coerce(budget)
         if self.budget.ratio is not None and self.budget.ratio <= 0:
@@ -506,6 +513,8 @@ class ContextPruner:
         else:  # whole units: the prefix whose size is closest to the target
             prev = cs - len_o
             keep_o = (cs <= target[g_o]) | ((prev < target[g_o]) & ((cs - target[g_o]) < (target[g_o] - prev)))
+            if bool(((rank == 1) & ~keep_o).any()):  # never empty: said, as in the strict path
+                notes.append("the budget was smaller than the best unit; kept that unit whole")
             keep_o = keep_o | (rank == 1)
         keep = torch.zeros(n_units, dtype=torch.bool)
         keep[order] = keep_o

@@ -1,8 +1,9 @@
-"""Unit scorers for RAG context pruning: embedding, focal attention, self-information, BM25.
+"""Unit scorers for RAG context pruning: query similarity, focal attention, self-information, BM25, IDF.
 
 A scorer maps ``(query, texts, spans)`` to one score per unit (higher = keep), where
 ``spans[d]`` are the character spans of document ``d``'s units (see :func:`unit_spans`). The
-formulas come from the core: :func:`unipruner.scorers.importance.query_similarity` (embedding),
+formulas come from the core: :func:`unipruner.scorers.importance.query_similarity` (``query_similarity``,
+on sentence-transformers embeddings),
 :func:`~unipruner.scorers.importance.window_attention` +
 :func:`~unipruner.scorers.importance.query_attention` (focal attention),
 :func:`~unipruner.scorers.importance.idf_table` / :func:`~unipruner.scorers.importance.idf`
@@ -16,24 +17,29 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ...errors import UniprunerError
+from ...methods import Method
+from ...methods import method as make_method
 from ...models import load_minilm, load_smollm2, require
 from ...scorers.importance import idf, idf_table, query_attention, query_similarity, window_attention
 
 __all__ = [
+    "SCORERS",
     "BM25Scorer",
     "EmbeddingScorer",
     "FocalAttentionScorer",
     "HybridScorer",
+    "IDFScorer",
     "RandomScorer",
     "Scorer",
     "SelfInformationScorer",
@@ -202,7 +208,7 @@ class EmbeddingScorer:
     model: Any = None
     batch_size: int = 8
     device: str = "cpu"
-    name: str = "embedding"
+    name: str = "query_similarity"
     whole_documents: bool = True
     token_level: bool = field(default=False, repr=False)
     pooling: str = "sentence"
@@ -419,6 +425,41 @@ class BM25Scorer:
         avg = lengths.mean().clamp(min=1e-9)
         denom = tf + self.k1 * (1 - self.b + self.b * lengths[:, None] / avg)
         scores = (w[None, :] * tf * (self.k1 + 1) / denom.clamp(min=1e-9)).sum(dim=1)
+        return list(torch.split(scores, [len(s) for s in spans]))
+
+
+@dataclass
+class IDFScorer:
+    """Query-agnostic term rarity: a unit scores the mean IDF of its words over the query's units.
+
+    Lassance et al., "A Study on Token Pruning for ColBERT", 2021 keep rare tokens; here the
+    words of every retrieved unit form the collection (:func:`unipruner.scorers.importance.idf_table`
+    / :func:`~unipruner.scorers.importance.idf`, BM25's IDF), so boilerplate repeated across
+    documents goes first. A unit without words scores 0.
+
+    Examples
+    --------
+    >>> t = "The cat. The cat sat on a zebra."
+    >>> IDFScorer().score("anything", [t], [[(0, 8), (8, len(t))]])[0].argmax().item()
+    1
+    """
+
+    name: str = "idf"
+    whole_documents: bool = True
+
+    def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
+        """Mean word IDF per unit; see the class docstring."""
+        _check_texts(query, texts, spans)
+        units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+        vocab: dict[str, int] = {}
+        docs = [[vocab.setdefault(t, len(vocab)) for t in _TERM.findall(u.lower())] for u in units]
+        df, n = idf_table(docs, max(len(vocab), 1))
+        lengths = torch.tensor([len(d) for d in docs], dtype=torch.long)
+        flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
+        w = idf(flat[None], df, n)[0] if flat.numel() else torch.zeros(0)
+        row = torch.repeat_interleave(torch.arange(len(docs)), lengths)
+        sums = torch.zeros(len(docs)).index_add_(0, row, w.float())
+        scores = sums / lengths.clamp(min=1).float()
         return list(torch.split(scores, [len(s) for s in spans]))
 
 
@@ -692,30 +733,58 @@ class SelfInformationScorer(_LMBase):
         return _per_document(surprisal, local, doc, spans, "mean")
 
 
-_SCORERS: dict[str, type] = {
-    "embedding": EmbeddingScorer,
-    "focal_attention": FocalAttentionScorer,
-    "self_information": SelfInformationScorer,
-    "bm25": BM25Scorer,
-    "hybrid": HybridScorer,
-    "random": RandomScorer,
-}
+def _embedding(m: Method) -> Scorer:
+    return EmbeddingScorer()
 
 
-def make_scorer(scorer: str | Scorer) -> Scorer:
-    """A scorer from its name (``embedding``, ``focal_attention``, ``self_information``, ``bm25``,
-    ``hybrid``, ``random``) or the scorer itself.
+#: The registry methods ``unipruner.rag`` runs, by name, each with the scorer that implements it here
+#: (``unipruner methods --domain rag`` lists exactly these; ``mmr`` is ``query_similarity`` scores
+#: with MMR selection, see :class:`~unipruner.adapters.rag.ContextPruner`'s ``diversity``).
+SCORERS: Mapping[str, Callable[[Any], Scorer]] = MappingProxyType({
+    "query_similarity": _embedding,
+    "mmr": _embedding,
+    "bm25": lambda m: BM25Scorer(k1=m.k1, b=m.b),
+    "idf": lambda m: IDFScorer(),
+    "hybrid": lambda m: HybridScorer(k=m.k),
+    "focal_attention": lambda m: FocalAttentionScorer(
+        layers=None if m.layers is None else list(m.layers), answer_prefix=m.answer_prefix),
+    "self_information": lambda m: SelfInformationScorer(),
+    "random": lambda m: RandomScorer(seed=m.seed),
+})
+
+#: Names this adapter used before the one registry (a clear error says the new name).
+_RENAMED = {"embedding": "query_similarity"}
+
+
+def make_scorer(scorer: str | Method | Scorer) -> Scorer:
+    """The scorer for a registry method (name or instance) of the ``rag`` domain, or a scorer object.
+
+    Names: ``query_similarity`` (all-MiniLM-L6-v2 embeddings), ``bm25``, ``idf``, ``hybrid``,
+    ``focal_attention``, ``self_information`` (SmolLM2), ``mmr``, ``random`` — the methods of
+    ``unipruner.methods(domain="rag")``.
 
     >>> make_scorer("bm25").name
     'bm25'
+    >>> import unipruner
+    >>> make_scorer(unipruner.method("bm25", k1=1.2)).k1
+    1.2
     """
     if isinstance(scorer, str):
-        if scorer not in _SCORERS:
-            raise UniprunerError(f"unknown scorer {scorer!r}; choose one of {sorted(_SCORERS)} or pass a Scorer")
-        return _SCORERS[scorer]()
+        if scorer in _RENAMED:
+            raise UniprunerError(f"the RAG scorer {scorer!r} is now {_RENAMED[scorer]!r} (its registry name)")
+        if scorer not in SCORERS:
+            raise UniprunerError(
+                f"unknown scorer {scorer!r} (not a RAG method); choose one of {sorted(SCORERS)} "
+                "(`unipruner methods --domain rag`) or pass a Scorer")
+        scorer = make_method(scorer)
+    if isinstance(scorer, Method):
+        if scorer.name not in SCORERS:
+            raise UniprunerError(
+                f"method {scorer.name!r} does not run on RAG contexts; choose one of {sorted(SCORERS)}")
+        return SCORERS[scorer.name](scorer)
     if not isinstance(scorer, Scorer):
         raise UniprunerError(
-            "scorer must be a name or an object with .name and .score(query, texts, spans), "
-            f"got {type(scorer).__name__}"
+            "scorer must be a registry method (name or instance) or an object with .name and "
+            f".score(query, texts, spans), got {type(scorer).__name__}"
         )
     return scorer

@@ -17,7 +17,7 @@ require("haystack", "haystack")
 
 from haystack import Document, component, default_from_dict, default_to_dict  # noqa: E402
 
-from ._plugin import annotate, make_pruner  # noqa: E402
+from ._plugin import PrunerSettings, annotate, make_pruner  # noqa: E402
 from ._pruner import ContextPruner  # noqa: E402
 
 __all__ = ["UniprunerContextPruner"]
@@ -32,21 +32,15 @@ class UniprunerContextPruner:
 
     Parameters
     ----------
-    scorer, ratio, keep, threshold, granularity, scope, diversity, keep_order, force_keep, strict,
-    context_weight, feedback :
-        As for :class:`unipruner.adapters.rag.langchain.UniprunerCompressor`.
+    **settings
+        The fields of :class:`~unipruner.adapters.rag._plugin.PrunerSettings` (``scorer``,
+        ``ratio`` / ``keep`` / ``threshold``, ``granularity``, ``scope``, ``diversity``,
+        ``keep_order``, ``force_keep``, ``strict``, ``context_weight``, ``feedback``,
+        ``lead_weight``, ``tokenizer``), shared by all three plugins; unknown names are an error.
     """
 
-    def __init__(self, scorer: str = "embedding", ratio: float | None = None, keep: int | None = None,
-                 threshold: float | None = None, granularity: str = "sentence", scope: str = "global",
-                 diversity: float | None = None, keep_order: bool = True, force_keep: list[str] | None = None,
-                 strict: bool = True, context_weight: float | None = None, feedback: int = 0) -> None:
-        self.settings: dict[str, Any] = {
-            "scorer": scorer, "ratio": ratio, "keep": keep, "threshold": threshold, "granularity": granularity,
-            "scope": scope, "diversity": diversity, "keep_order": keep_order,
-            "force_keep": list(force_keep or []), "strict": strict,
-            "context_weight": context_weight, "feedback": feedback,
-        }
+    def __init__(self, **settings: Any) -> None:
+        self.settings: dict[str, Any] = PrunerSettings.from_mapping(settings).to_dict()
         self.pruner: ContextPruner = make_pruner(self.settings)  # validates now; models load lazily
         self._warm = False
 

@@ -18,49 +18,38 @@ require("langchain_core", "langchain")
 from langchain_core.callbacks import Callbacks  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
 from langchain_core.documents.compressor import BaseDocumentCompressor  # noqa: E402
-from pydantic import ConfigDict, Field, PrivateAttr  # noqa: E402
+from pydantic import ConfigDict, PrivateAttr, create_model  # noqa: E402
 
-from ._plugin import annotate, make_pruner  # noqa: E402
+from ._plugin import PrunerSettings, annotate, make_pruner, pydantic_fields  # noqa: E402
 from ._pruner import ContextPruner  # noqa: E402
 
 __all__ = ["UniprunerCompressor"]
 
 
-class UniprunerCompressor(BaseDocumentCompressor):
+class _CompressorBase(BaseDocumentCompressor):
     """Prune retrieved LangChain documents to a token budget (unipruner's ContextPruner).
 
     Query-aware context pruning as in Provence (Chirkova et al., ICLR 2025) and AttentionRAG
     (Fang et al., 2025), without losing document boundaries, metadata or scores (LangChain's
     LLMLingua compressor joins everything into one document).
 
-    Parameters
-    ----------
-    scorer : str
-        ``embedding`` | ``hybrid`` | ``focal_attention`` | ``self_information`` | ``bm25`` | ``random``.
-    ratio, keep, threshold : budget (one of them; default ratio 0.25)
-    granularity, scope, diversity, keep_order, force_keep, strict, context_weight, feedback :
-        As for :class:`~unipruner.adapters.rag.ContextPruner`.
+    Fields: those of :class:`~unipruner.adapters.rag._plugin.PrunerSettings` (``scorer`` — a
+    registry method of the ``rag`` domain —, ``ratio`` / ``keep`` / ``threshold`` (default ratio
+    0.25), ``granularity``, ``scope``, ``diversity``, ``keep_order``, ``force_keep``, ``strict``,
+    ``context_weight``, ``feedback``, ``lead_weight``, ``tokenizer``), shared by all three plugins.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    scorer: str = "embedding"
-    ratio: float | None = None
-    keep: int | None = None
-    threshold: float | None = None
-    granularity: str = "sentence"
-    scope: str = "global"
-    diversity: float | None = None
-    keep_order: bool = True
-    force_keep: list[str] = Field(default_factory=list)
-    strict: bool = True
-    context_weight: float | None = None
-    feedback: int = 0
     _pruner: ContextPruner = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
         """Build (and validate) the pruner once."""
-        self._pruner = make_pruner(self.model_dump())
+        self._pruner = make_pruner(self.settings)
+
+    @property
+    def settings(self) -> PrunerSettings:
+        """The plugin's settings as one value."""
+        return PrunerSettings.from_mapping({name: getattr(self, name) for name in pydantic_fields()})
 
     @property
     def pruner(self) -> ContextPruner:
@@ -88,3 +77,9 @@ class UniprunerCompressor(BaseDocumentCompressor):
         import asyncio
 
         return await asyncio.to_thread(self.compress_documents, documents, query, callbacks)
+
+
+UniprunerCompressor = create_model(  # fields generated from the one settings definition
+    "UniprunerCompressor", __base__=_CompressorBase, __module__=__name__, __doc__=_CompressorBase.__doc__,
+    **pydantic_fields(),
+)

@@ -16,48 +16,36 @@ from ...models import require
 
 require("llama_index.core", "llamaindex")
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
+from llama_index.core.bridge.pydantic import PrivateAttr, create_model  # noqa: E402
 from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode  # noqa: E402
 
-from ._plugin import META_KEY, annotate, make_pruner  # noqa: E402
+from ._plugin import META_KEY, PrunerSettings, annotate, make_pruner, pydantic_fields  # noqa: E402
 from ._pruner import ContextPruner  # noqa: E402
 
 __all__ = ["UniprunerPostprocessor"]
 
 
-class UniprunerPostprocessor(BaseNodePostprocessor):
+class _PostprocessorBase(BaseNodePostprocessor):
     """Prune retrieved LlamaIndex nodes to a token budget (unipruner's ContextPruner).
 
     Query-aware context pruning as in Provence (Chirkova et al., ICLR 2025) and AttentionRAG
     (Fang et al., 2025), preserving node boundaries, metadata and scores.
 
-    Parameters
-    ----------
-    scorer, ratio, keep, threshold, granularity, scope, diversity, keep_order, force_keep, strict,
-    context_weight, feedback :
-        As for :class:`unipruner.adapters.rag.langchain.UniprunerCompressor`.
+    Fields: those of :class:`~unipruner.adapters.rag._plugin.PrunerSettings`, shared by all three
+    plugins (see :class:`unipruner.adapters.rag.langchain.UniprunerCompressor`).
     """
 
-    scorer: str = Field(default="embedding")
-    ratio: float | None = None
-    keep: int | None = None
-    threshold: float | None = None
-    granularity: str = "sentence"
-    scope: str = "global"
-    diversity: float | None = None
-    keep_order: bool = True
-    force_keep: list[str] = Field(default_factory=list)
-    strict: bool = True
-    context_weight: float | None = None
-    feedback: int = 0
     _pruner: ContextPruner = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
         """Build (and validate) the pruner once."""
-        self._pruner = make_pruner(self.model_dump(include={
-            "scorer", "ratio", "keep", "threshold", "granularity", "scope", "diversity", "keep_order",
-            "force_keep", "strict", "context_weight", "feedback"}))
+        self._pruner = make_pruner(self.settings)
+
+    @property
+    def settings(self) -> PrunerSettings:
+        """The plugin's settings as one value."""
+        return PrunerSettings.from_mapping({name: getattr(self, name) for name in pydantic_fields()})
 
     @classmethod
     def class_name(cls) -> str:
@@ -90,3 +78,9 @@ class UniprunerPostprocessor(BaseNodePostprocessor):
                     keys.append(META_KEY)  # the scores must not leak into the prompt or embeddings
             out.append(NodeWithScore(node=node, score=src.score))
         return out
+
+
+UniprunerPostprocessor = create_model(  # fields generated from the one settings definition
+    "UniprunerPostprocessor", __base__=_PostprocessorBase, __module__=__name__,
+    __doc__=_PostprocessorBase.__doc__, **pydantic_fields(),
+)
