@@ -27,6 +27,29 @@ def test_methods_filters_and_errors() -> None:
     assert bad.exit_code == 2 and "unknown family" in bad.output
 
 
+def _listed(output: str) -> set[str]:
+    """Method names in the first column of the table (a name is never wrapped)."""
+    names = {m.name for m in methods()}
+    return {line.split()[0] for line in output.splitlines() if line.split() and line.split()[0] in names}
+
+
+def test_methods_domain_lists_exactly_what_the_domain_accepts() -> None:
+    from unipruner.adapters.colbert import accepted_methods
+    from unipruner.adapters.rag import SCORERS
+
+    for domain, accepted in (("rag", set(SCORERS)), ("colbert", set(accepted_methods()))):
+        result = runner.invoke(app, ["methods", "--domain", domain], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert _listed(result.output) == accepted == {m.name for m in methods(domain=domain)}
+
+
+def test_methods_table_fits_80_columns() -> None:
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    assert _listed(result.output) == {m.name for m in methods()}
+
+
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and re.match(r"unipruner \d+\.\d+", result.output)

@@ -6,7 +6,9 @@ import os
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -40,21 +42,29 @@ def main(
 @app.command("methods")
 def methods_cmd(
     family: Annotated[str | None, typer.Option(help=f"Only this family: {', '.join(FAMILIES)}.")] = None,
-    domain: Annotated[str | None, typer.Option(help=f"Only this domain: {', '.join(DOMAINS)}.")] = None,
+    domain: Annotated[str | None, typer.Option(
+        help=f"Only the methods this domain accepts: {', '.join(DOMAINS)}.")] = None,
 ) -> None:
-    """List every registered method with its family, paper and domains."""
+    """List the registered methods: family, domains, what each does, what it needs and its paper.
+
+    ``--domain D`` lists exactly the methods ``unipruner.D`` accepts.
+    """
     console = Console()
     try:
         rows = methods(family=family, domain=domain)
     except UniprunerError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from err
-    table = Table(title=f"unipruner methods ({len(rows)})", show_lines=False)
-    for col in ("name", "family", "domains", "needs", "what it does", "paper"):
-        table.add_column(col, overflow="fold")
+    title = f"unipruner methods ({len(rows)})" + (f" for {domain}" if domain else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("method / family", no_wrap=True)
+    table.add_column("domains", max_width=12)
+    table.add_column("what it does · needs · paper", ratio=1)
     for m in rows:
-        table.add_row(m.name, m.family, ", ".join(m.domains), ", ".join(m.requires) or "tokens",
-                      m.summary, m.paper)
+        needs = ", ".join(m.requires) or "tokens"
+        where = "all" if set(m.domains) == set(DOMAINS) else ", ".join(m.domains)
+        table.add_row(f"[bold]{m.name}[/]\n[dim]{m.family}[/]", where,
+                      f"{escape(m.summary)}\n[dim]needs {escape(needs)} · {escape(m.paper)}[/]")
     console.print(table)
 
 
