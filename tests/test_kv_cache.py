@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 
 import unipruner
 import unipruner.adapters.kv_cache as kv
-from unipruner.adapters.kv_cache._patch import _queries
+from unipruner.hosts.hf_attention import queries
 from unipruner.scorers.importance import window_attention
 
 torch.set_num_threads(2)
@@ -227,7 +227,7 @@ def test_window_rows_equal_the_models_own_attention(family: str) -> None:
     hook.remove()
     handle.unpatch()
     cos, sin = seen["pe"]
-    q = _queries(spec, seen["hidden"][:, -4:], cos[:, -4:], sin[:, -4:])
+    q = queries(spec, seen["hidden"][:, -4:], cos[:, -4:], sin[:, -4:])
     keys = out.cache.layers[spec.index].keys
     rows = window_attention(q, keys, scale=spec.scale)
     torch.testing.assert_close(rows, out.attentions[spec.index][:, :, -4:, :].float(), rtol=1e-4, atol=1e-5)
@@ -376,11 +376,10 @@ def test_patch_is_per_instance_idempotent_and_exactly_undone() -> None:
     assert isinstance(b(ids, use_cache=True).cache, DynamicCache)
     assert not isinstance(b(ids, use_cache=True).cache, kv.CompressedCache)
     assert isinstance(a(ids, use_cache=True).cache, kv.CompressedCache)
-    kv.unpatch(a)
-    assert _hook_count(a) == n_hooks and not h1.active
+    assert kv.unpatch(a) is True
+    assert _hook_count(a) == n_hooks and not h1.active and kv.find(a) is None
     torch.testing.assert_close(a(ids).logits, before, rtol=0, atol=0)
-    with pytest.raises(unipruner.UniprunerError, match="not patched"):
-        kv.unpatch(a)
+    assert kv.unpatch(a) is False and kv.unpatch(b) is False  # not patched: False, no error
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -1,5 +1,8 @@
 """A Hugging Face ``DynamicCache`` that knows its logical length differs from what it stores.
 
+Used by :mod:`unipruner.kv` (and next by in-LLM pruning of ``unipruner.vlm``); this module
+imports ``transformers`` at load, so :mod:`unipruner.hosts` does not import it eagerly.
+
 A pruned KV cache holds fewer key/value slots than the number of tokens the model has seen.
 ``transformers`` derives positions (``position_ids = arange + cache.get_seq_length()``), the
 restart point of ``generate()`` and the attention-mask geometry from the cache length, so a
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ...errors import UniprunerError
+from ..errors import UniprunerError
 
 __all__ = ["CompressedCache", "CompressedLayer", "Step"]
 
@@ -40,10 +43,14 @@ class Step:
         Which of the ``q`` new tokens are real (None = all).
     positions : Tensor ``[B, q]`` long
         Their position ids.
+    settings : object, optional
+        The adapter's settings for this forward, read once when it begins (a later
+        ``configure`` does not change a forward already running).
     """
 
     valid: Tensor | None
     positions: Tensor
+    settings: Any = None
 
 
 class CompressedLayer(DynamicLayer):

@@ -3,16 +3,19 @@
 Usage::
 
     import unipruner
-    with unipruner.kv.compress(model, "snapkv", ratio=0.5) as kv:
+    with unipruner.kv.patch(model, "snapkv", ratio=0.5) as h:
         out = model.generate(**inputs, max_new_tokens=32)
-        print(kv.stats())
+        print(h.stats())
 
-* :func:`compress` / :func:`patch` / :func:`unpatch` — per-instance hooks on the model's
-  attention modules compress the cache once, at prefill, with any registry method
-  (SnapKV, H2O, TOVA, KNorm, VATP, StreamingLLM, random, FastV, DivPrune, DART, ...), and evict
-  while decoding for the fixed-budget policies (H2O, TOVA, StreamingLLM).
+* :func:`patch` (``compress`` is the same function) / :func:`unpatch` / :func:`find` —
+  per-instance hooks on the model's attention modules compress the cache once, at prefill, with
+  any registry method (SnapKV, H2O, TOVA, KNorm, VATP, StreamingLLM, random, FastV, DivPrune,
+  DART, ...), and evict while decoding for the fixed-budget policies (H2O, TOVA, StreamingLLM).
+  The handle (:class:`KVCompressor`) is a context manager with ``configure`` / ``stats`` /
+  ``describe`` / ``unpatch``, and one patched model serves concurrent calls.
 * :class:`CompressedCache` — a ``DynamicCache`` that tracks logical vs stored length, so
-  positions, attention masks and ``generate()`` stay right after compression.
+  positions, attention masks and ``generate()`` stay right after compression
+  (:mod:`unipruner.hosts.cache`, re-exported here).
 * :func:`generate` — compress contexts, then answer questions; batched and ragged.
 * :func:`stats` — tokens and bytes per layer, before and after.
 * :func:`demo_section` — the ``unipruner demo`` KV section.
@@ -28,10 +31,12 @@ from ...models import require
 
 require("transformers", "llm")
 
-from ._cache import CompressedCache, CompressedLayer  # noqa: E402
-from ._demo import demo_section  # noqa: E402
+from ...hosts.cache import CompressedCache, CompressedLayer  # noqa: E402
+from ...hosts.hf_attention import SUPPORTED_MODEL_TYPES  # noqa: E402
+from ._demo import demo_prompt, demo_section  # noqa: E402
 from ._generate import Answers, generate, left_pad  # noqa: E402
-from ._patch import SUPPORTED_MODEL_TYPES, KVCompressor, Plan, compress, find, patch, unpatch  # noqa: E402
+from ._patch import KVCompressor, compress, find, patch, unpatch  # noqa: E402
+from ._plan import Plan  # noqa: E402
 from ._stats import KVStats, LayerStats, stats  # noqa: E402
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "LayerStats",
     "Plan",
     "compress",
+    "demo_prompt",
     "demo_section",
     "find",
     "generate",

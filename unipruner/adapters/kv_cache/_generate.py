@@ -13,8 +13,8 @@ from torch import Tensor
 
 from ...errors import UniprunerError
 from ...methods import Method
-from ._patch import compress
-from ._stats import KVStats, stats
+from ._patch import find, patch
+from ._stats import KVStats
 
 __all__ = ["Answers", "generate", "left_pad"]
 
@@ -143,7 +143,12 @@ def generate(model: Any, tokenizer: Any, contexts: str | Sequence[str], question
     two_step = not query_aware and any(q_ids)
     if two_step and not all(q_ids):
         raise UniprunerError("every context needs a non-empty question (or pass questions=None)")
-    with compress(model, method, ratio, **settings) as kv:
+    if find(model) is not None:
+        raise UniprunerError(
+            "unipruner.kv.generate patches the model itself (and unpatches it afterwards); this model is already "
+            "patched by unipruner.kv: call unipruner.kv.unpatch(model) first, or run model.generate() under your patch"
+        )
+    with patch(model, method, ratio, **settings) as kv:
         with torch.inference_mode():
             if two_step:
                 ids_c, mask_c = left_pad(ctx_ids, pad_id, device)
@@ -170,5 +175,4 @@ def generate(model: Any, tokenizer: Any, contexts: str | Sequence[str], question
         if eos is not None and eos in row:
             row = row[: row.index(eos)]
         texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return Answers(texts, new, report if isinstance(report, KVStats) else stats(report), t_prefill,
-                   time.perf_counter() - t0, description)
+    return Answers(texts, new, report, t_prefill, time.perf_counter() - t0, description)

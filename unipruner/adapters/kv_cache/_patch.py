@@ -1,342 +1,138 @@
-"""Per-instance hooks that compress a Hugging Face causal LM's KV cache at prefill.
+"""Per-instance hooks that compress a Hugging Face causal LM's KV cache at prefill (the ``kv`` handle).
 
-Three kinds of hooks, all on *this* model's modules (nothing global, no attributes set on
-modules, removed exactly by :meth:`KVCompressor.unpatch`):
+Three kinds of hooks, all on *this* model's modules (nothing global, nothing set on the model,
+removed exactly by :meth:`KVCompressor.unpatch`), registered through
+:meth:`~unipruner.hosts.patching.PatchHandle.add_hook` so :func:`find` finds the handle from them:
 
 * a forward pre-hook on the decoder (``model.base_model``) swaps an absent or empty
-  ``DynamicCache`` (``generate()``'s default) for a :class:`CompressedCache` and records what
-  the forward feeds (which new tokens are real, their positions) on that cache;
+  ``DynamicCache`` (``generate()``'s default) for a :class:`~unipruner.hosts.cache.CompressedCache`
+  and records what the forward feeds (which new tokens are real, their positions, the settings
+  read once for this forward) on that cache's :class:`~unipruner.hosts.cache.Step`;
 * a forward pre-hook on every compressible attention module replaces the attention mask of a
-  compressed layer by one built from the stored-slot layout (and, for re-rotated StreamingLLM
-  caches, shifts the rotary positions);
+  compressed layer by one built from the stored-slot layout (:mod:`unipruner.hosts.masks`) and,
+  for re-rotated StreamingLLM caches, shifts the rotary positions;
 * a forward hook on the same modules compresses the layer once, right after its prefill, and
   evicts while decoding for fixed-budget policies (H2O, TOVA, StreamingLLM).
 
-Scores always come from the core registry (:func:`unipruner.method`): the hook only gathers the
-signals a method needs — keys and values per KV head, and attention rows of the last queries,
-recomputed from the layer's input with the model's own projections and rotary embedding
-(:func:`unipruner.scorers.importance.window_attention`), so the model keeps running SDPA.
+Per-call state lives in the per-call cache, never on the handle, so one patched model serves
+concurrent calls (each ``generate()`` / forward builds or receives its own cache). Scores always
+come from the core registry (:func:`unipruner.method`): the hooks gather the signals a method
+needs — keys and values per KV head, and attention rows of the last queries recomputed by
+:mod:`unipruner.hosts.hf_attention` — and the policies of :mod:`._policies` decide what stays.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import math
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from ...errors import UniprunerError
-from ...methods import H2O, TOVA, VATP, LastQueryAttention, MergingMethod, Method, ScoringMethod, SnapKV, StreamingLLM
-from ...methods import method as build_method
-from ...scorers.importance import accumulated_attention, window_attention
-from ...select import Budget, topk
-from ._cache import CompressedCache, CompressedLayer, Step
+from ...hosts.cache import CompressedCache, CompressedLayer, Step
+from ...hosts.hf_attention import (
+    AttentionLayer,
+    attention_layers,
+    attention_rows,
+    check_static_rope,
+    decoder,
+    rotary_at,
+    rotate,
+)
+from ...hosts.masks import stored_slot_mask
+from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
+from ...methods import Method, ScoringMethod
+from ...select import Budget
+from ._plan import Plan, make_plan, replan
+from ._policies import (
+    accumulate,
+    compact,
+    compaction_shift,
+    evict_keep,
+    gather_slots,
+    kept_scores,
+    layout,
+    prefill_keep,
+    prefill_rerotation,
+    to_heads,
+)
+from ._stats import KVStats, stats
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "KVCompressor", "compress", "find", "patch", "unpatch"]
-
-#: ``config.model_type`` -> family name, the model families the adapter is tested on.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "Llama (SmolLM2, Llama 2/3)",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2 / Qwen2.5",
-    "qwen3": "Qwen3",
-    "phi3": "Phi-3",
-    "gemma3_text": "Gemma 3 (text)",
-}
-_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-_SIGNALS = frozenset({"attn", "keys", "values"})
-_CHUNK_ELEMENTS = 1 << 24  # attention-row chunk for "all rows" methods (H2O, VATP): 64 MB of float32
-_POLICIES = {H2O: "accumulate", TOVA: "replace", StreamingLLM: "positional"}
-
-
-def _supported() -> str:
-    return ", ".join(f"{v} (model_type {k!r})" for k, v in SUPPORTED_MODEL_TYPES.items())
-
-
-# ------------------------------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How the adapter applies one registry method to the KV cache (resolved at patch time).
-
-    Attributes
-    ----------
-    method : Method
-        The registry method (its budget is the fraction / number of tokens kept per row).
-    rows : int, "all" or None
-        Attention rows the method needs: the last ``rows`` queries (SnapKV's window, TOVA's last
-        token), every query (H2O, VATP: accumulated attention) or none.
-    per_head : bool
-        Select per KV head (SnapKV, H2O, KNorm, ...) or one set shared by all heads (TOVA).
-    evict : str or None
-        Fixed-budget decoding policy: ``"accumulate"`` (H2O), ``"replace"`` (TOVA),
-        ``"positional"`` (StreamingLLM) or None (compress at prefill only).
-    recent : float
-        Fraction of each row's budget reserved for the most recent tokens (H2O's local window).
-    rerotate : bool
-        Re-rotate kept keys to contiguous positions (StreamingLLM, as in the paper).
-    """
-
-    method: Method
-    rows: int | str | None
-    per_head: bool
-    evict: str | None
-    recent: float
-    rerotate: bool
+__all__ = ["KVCompressor", "compress", "find", "patch", "unpatch"]
 
 
-def _rows_for(m: Method) -> int | str | None:
-    if "attn" not in m.requires:
-        return None
-    if isinstance(m, SnapKV):
-        return m.window
-    if isinstance(m, LastQueryAttention):  # FastV, TOVA
-        return m.n_queries
-    if isinstance(m, (H2O, VATP)):
-        return "all"
-    raise UniprunerError(
-        f"method {m.name!r} needs a full attention map ({m.requires}); the KV adapter computes attention rows "
-        "of the last queries (snapkv, tova, fastv) or accumulated attention (h2o, vatp) inside the hook"
-    )
-
-
-def make_plan(method: str | Method, ratio: float | None = None, *, keep: int | None = None,
-              budget: Budget | None = None, per_head: bool | None = None, evict: bool | None = None,
-              recent: float | None = None, rerotate: bool = False, **params: Any) -> Plan:
-    """Validate the user's settings and build a :class:`Plan` (see :func:`patch`)."""
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                              or not 0.0 < float(ratio) <= 1.0):
-        raise UniprunerError(
-            f"ratio is the fraction of the KV cache kept (as everywhere in unipruner) and must be in (0, 1], "
-            f"got {ratio!r}; kvpress's compression_ratio c is ratio = 1 - c"
-        )
-    given = sum(x is not None for x in (ratio, keep, budget))
-    if given > 1:
-        raise UniprunerError("give one budget: ratio=, keep= or budget=")
-    if isinstance(method, Method):
-        if params:
-            raise UniprunerError(f"parameters {sorted(params)} go into the Method itself when passing an instance")
-        m = method
-        if given:
-            m = dataclasses.replace(m, budget=Budget.coerce(budget, ratio=ratio, keep=keep))
-    elif isinstance(method, str):
-        if not given:
-            raise UniprunerError(f"no budget for {method!r}: pass ratio= (fraction kept), keep= or budget=")
-        m = build_method(method, budget, ratio=ratio, keep=keep, **params)
-    else:
-        raise UniprunerError(f"method must be a registry name or a unipruner Method, got {type(method).__name__}")
-    if isinstance(m, MergingMethod) or m.reduction != "drop":
-        raise UniprunerError(
-            f"method {m.name!r} merges tokens; the KV adapter evicts cache entries (reduction='drop'). "
-            "Use a scoring method or a selector (snapkv, h2o, tova, knorm, vatp, streamingllm, random, "
-            "divprune, dart, ...)"
-        )
-    extra = sorted(set(m.requires) - _SIGNALS)
-    if extra:
-        raise UniprunerError(
-            f"method {m.name!r} needs signal(s) {extra} that a KV cache does not have; the adapter provides "
-            f"{sorted(_SIGNALS)} (keys and values per KV head, attention rows from the hook)"
-        )
-    rows = _rows_for(m)
-    if m.budget.ratio is not None and not 0.0 < float(m.budget.ratio) <= 1.0:
-        raise UniprunerError(f"the budget keeps a fraction in (0, 1], got {m.budget.ratio}")
-    if m.budget.keep is not None and m.budget.keep < 1:
-        raise UniprunerError(f"the budget must keep at least one token, got keep={m.budget.keep}")
-    policy = None
-    for cls, name in _POLICIES.items():
-        if type(m) is cls:
-            policy = name
-    if evict is None:
-        evict = policy is not None
-    if evict and policy is None:
-        raise UniprunerError(
-            f"evict=True (fixed-budget decoding) is defined for h2o, tova and streamingllm, not {m.name!r}"
-        )
-    if recent is None:
-        recent = 0.5 if isinstance(m, H2O) else 0.0
-    if isinstance(recent, bool) or not isinstance(recent, (int, float)) or not 0.0 <= float(recent) < 1.0:
-        raise UniprunerError(
-            f"recent is the fraction of the budget kept for the latest tokens, in [0, 1); got {recent!r}"
-        )
-    if recent and m.budget.data_dependent:
-        raise UniprunerError("recent= needs a ratio or keep budget (the window is a fraction of the count kept)")
-    if rerotate and not isinstance(m, StreamingLLM):
-        raise UniprunerError("rerotate=True is StreamingLLM's position re-assignment; use it with 'streamingllm'")
-    if rerotate and m.budget.data_dependent:
-        raise UniprunerError("rerotate=True needs a ratio or keep budget")
-    if per_head is None:
-        per_head = not isinstance(m, TOVA)
-    if m.protected and not isinstance(m, ScoringMethod):
-        raise UniprunerError(
-            f"{m.name!r} with protected={m.protected}: selectors count protected tokens from position 0, which is "
-            "padding in a left-padded batch; use protected=0"
-        )
-    return Plan(m, rows, bool(per_head), policy if evict else None, float(recent), bool(rerotate))
-
-
-# ------------------------------------------------------------------------------------ model access
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """What the hooks need to know about one attention module (read from the model, never set)."""
-
-    index: int
-    module: torch.nn.Module
-    rope: Callable[..., tuple[Tensor, Tensor]]
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    scale: float
-    layer_type: str | None
-
-
-def _decoder(model: Any) -> torch.nn.Module:
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
-        raise UniprunerError(
-            f"unipruner.kv compresses Hugging Face causal LMs (transformers PreTrainedModel), got "
-            f"{type(model).__name__}; supported: {_supported()}"
-        )
-    mtype = getattr(model.config, "model_type", None)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise UniprunerError(
-            f"{type(model).__name__} (model_type {mtype!r}) is not supported by unipruner.kv; supported: "
-            f"{_supported()}"
-        )
-    base = model.base_model
-    if base is model or not hasattr(base, "layers"):
-        raise UniprunerError(
-            f"{type(model).__name__} has no decoder with .layers; pass the *ForCausalLM model "
-            f"(supported: {_supported()})"
-        )
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in _ATTN_IMPLEMENTATIONS:
-        raise UniprunerError(
-            f"attention implementation {impl!r} is not supported (the adapter builds the attention masks of "
-            f"compressed layers); use one of {_ATTN_IMPLEMENTATIONS} (model.set_attn_implementation('sdpa'))"
-        )
-    return base
-
-
-def _layers(model: Any, base: torch.nn.Module) -> tuple[list[_Layer], dict[int, str]]:
-    """Compressible attention layers, and the skipped ones with the reason."""
-    cfg = model.config
-    probe = DynamicCache(config=cfg)  # layer types exactly as generate() will build them
-    layers: list[_Layer] = []
-    skipped: dict[int, str] = {}
-    blocks: Any = base.layers
-    for i, block in enumerate(blocks):
-        attn = getattr(block, "self_attn", None)
-        if attn is None or not (hasattr(attn, "q_proj") or hasattr(attn, "qkv_proj")):
-            raise UniprunerError(f"layer {i} of {type(model).__name__} has no self_attn with q_proj / qkv_proj")
-        kind = probe.layers[i] if i < len(probe.layers) else None
-        if kind is not None and type(kind) is not DynamicLayer:
-            window = getattr(kind, "sliding_window", None)
-            skipped[i] = (f"sliding-window layer (window {window}): Hugging Face already keeps only the last "
-                          f"{window} tokens there, and pruning inside the window would break its positions")
-            continue
-        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-        if rope is None:
-            raise UniprunerError(f"{type(attn).__name__} has no apply_rotary_pos_emb in its modeling module")
-        n_heads = int(cfg.num_attention_heads)
-        layers.append(_Layer(i, attn, rope, n_heads, int(cfg.num_key_value_heads), int(attn.head_dim),
-                             float(attn.scaling), getattr(attn, "layer_type", None)))
-    if not layers:
-        raise UniprunerError(
-            f"nothing to compress in {type(model).__name__}: all {len(skipped)} layers are sliding-window layers "
-            "(set config.sliding_window=None for a full-attention model, e.g. Mistral v0.2+)"
-        )
-    return layers, skipped
-
-
-def _queries(spec: _Layer, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Post-RoPE queries ``[B, H, T, D]`` of ``hidden [B, T, C]``, computed as the module does."""
-    mod: Any = spec.module
-    b, t, _ = hidden.shape
-    if hasattr(mod, "q_proj"):
-        q = mod.q_proj(hidden)
-    else:  # Phi-3: fused qkv, queries first
-        q = mod.qkv_proj(hidden)[..., : spec.n_heads * spec.head_dim]
-    q = q.view(b, t, -1, spec.head_dim)
-    if hasattr(mod, "q_norm"):  # Qwen3, Gemma 3: RMSNorm over the head dim
-        q = mod.q_norm(q)
-    q = q.transpose(1, 2)
-    q, _ = spec.rope(q, q, cos, sin)
-    return q
-
-
-def _expand_heads(mask: Tensor, n_heads: int) -> Tensor:
-    """``[B, H_kv, ...]`` -> ``[B, H, ...]`` (query head h uses KV head h // groups)."""
-    return mask.repeat_interleave(n_heads // mask.shape[1], dim=1) if mask.shape[1] != n_heads else mask
-
-
-# ------------------------------------------------------------------------------------ the handle
-
-
-class KVCompressor:
-    """A model patched for KV-cache compression (returned by :func:`patch` / :func:`compress`).
+class KVCompressor(PatchHandle):
+    """A model patched for KV-cache compression (returned by :func:`patch`; a context manager).
 
     Attributes
     ----------
     model : transformers.PreTrainedModel
     plan : Plan
-        The method and how it is applied.
+        The method and how it is applied (the handle's settings; :meth:`configure` swaps it).
     layers : list[int]
         Compressed (full-attention) layer indices.
     skipped : dict[int, str]
         Layers left uncompressed, with the reason (sliding-window layers of hybrid models).
     """
 
+    domain = "kv"
+
     def __init__(self, model: Any, plan: Plan) -> None:
-        self.model = model
-        self.plan = plan
-        self._base = _decoder(model)
-        specs, self.skipped = _layers(model, self._base)
+        base = decoder(model)
+        specs, skipped = attention_layers(model, base)
+        if not specs:
+            raise UniprunerError(
+                f"nothing to compress in {type(model).__name__}: all {len(skipped)} layers are sliding-window layers "
+                "(set config.sliding_window=None for a full-attention model, e.g. Mistral v0.2+)"
+            )
+        super().__init__(model, plan)
+        self._base = base
+        self.skipped = skipped
         self._specs = {s.index: s for s in specs}
         self.layers = sorted(self._specs)
-        self._rotary = getattr(self._base, "rotary_emb", None)
+        self._rotary = getattr(base, "rotary_emb", None)
         if plan.rerotate:
-            self._check_rerotate()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._last: CompressedCache | None = None
+            check_static_rope(self._rotary)
         self._by_module = {id(s.module): s for s in specs}
 
-    # -- lifecycle --------------------------------------------------------------------------------
+    # -- settings / lifecycle ---------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The current :class:`Plan` (immutable; replaced whole by :meth:`configure`)."""
+        plan: Plan = self.settings
+        return plan
+
     def _install(self) -> None:
         base = self._base
-        self._handles.append(base.register_forward_pre_hook(self._model_pre, with_kwargs=True))
-        self._handles.append(base.register_forward_hook(self._model_post, with_kwargs=True, always_call=True))
+        self.add_hook(base, "forward_pre", self._model_pre, with_kwargs=True)
+        self.add_hook(base, "forward", self._model_post, with_kwargs=True, always_call=True)
         for spec in self._specs.values():
-            self._handles.append(spec.module.register_forward_pre_hook(self._attn_pre, with_kwargs=True))
-            self._handles.append(spec.module.register_forward_hook(self._attn_post, with_kwargs=True))
+            self.add_hook(spec.module, "forward_pre", self._attn_pre, with_kwargs=True)
+            self.add_hook(spec.module, "forward", self._attn_post, with_kwargs=True)
 
-    @property
-    def active(self) -> bool:
-        """Whether the hooks are installed."""
-        return bool(self._handles)
+    def configure(self, method: str | Method | None = None, ratio: float | None = None, *,
+                  keep: int | None = None, budget: Budget | None = None, per_head: bool | None = None,
+                  evict: bool | None = None, recent: float | None = None, rerotate: bool | None = None,
+                  **params: Any) -> KVCompressor:
+        """Change the settings between calls; the keywords of :func:`patch`, ``None`` keeping the current value.
 
-    def unpatch(self) -> None:
-        """Remove every hook this handle installed (the model is exactly as before)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._last = None
-
-    def __enter__(self) -> KVCompressor:
+        Validated exactly like :func:`patch` before anything changes; a forward already running keeps
+        the settings it started with. Without ``method`` the current method is kept (``ratio=`` /
+        ``keep=`` / ``budget=`` change its budget, ``window=`` etc. its parameters); another
+        ``method`` keeps the current budget unless one is given. Returns ``self``.
+        """
+        plan = replan(self.plan, method, ratio, keep=keep, budget=budget, per_head=per_head, evict=evict,
+                      recent=recent, rerotate=rerotate, **params)
+        if plan.rerotate:
+            check_static_rope(self._rotary)
+        self._set_settings(plan)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.unpatch()
+    def _on_unpatch(self) -> None:
+        cache = self.last_stats
+        if isinstance(cache, CompressedCache):  # keep what it kept, not the tensors
+            self.publish(stats(cache))
 
     def __repr__(self) -> str:
         m = self.plan.method
@@ -354,25 +150,21 @@ class KVCompressor:
         return text
 
     def new_cache(self) -> CompressedCache:
-        """An empty :class:`CompressedCache` for this model."""
+        """An empty :class:`CompressedCache` for this model (pass it as ``cache=`` to keep a context)."""
         return CompressedCache(self.model.config)
 
     @property
     def last_cache(self) -> CompressedCache | None:
-        """The cache of the latest forward through this model (held until the next one or unpatch)."""
-        return self._last
+        """The cache of the most recently finished forward through this model (None after unpatch)."""
+        cache = self.last_stats
+        return cache if isinstance(cache, CompressedCache) else None
 
-    def stats(self) -> Any:
-        """:func:`unipruner.kv.stats` of the latest cache."""
-        from ._stats import stats
-
-        cache = self.last_cache
-        if cache is None:
-            raise UniprunerError("no cache yet: run the model (or generate) inside compress() first")
-        return stats(cache)
-
-    def same_settings(self, plan: Plan) -> bool:
-        return self.plan == plan
+    def stats(self) -> KVStats:
+        """:func:`unipruner.kv.stats` of the last call's cache: tokens and bytes per layer, before and after."""
+        last = self.last_stats
+        if last is None:
+            raise UniprunerError("no cache yet: run the model (or generate) on the patched model first")
+        return last if isinstance(last, KVStats) else stats(last)
 
     # -- hooks: model level -------------------------------------------------------------------------
     def _model_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -397,11 +189,12 @@ class KVCompressor:
                     f"{type(cache).__name__} holding {cache.get_seq_length()} tokens; start from an empty cache or "
                     "use unipruner.kv.CompressedCache(model.config)"
                 )
-        if cache.compressed and cache.plan is not None and cache.plan != self.plan:
+        plan = self.plan  # read once: configure() does not change a forward already running
+        if cache.compressed and cache.plan is not None and cache.plan != plan:
             done = cache.plan.method if isinstance(cache.plan, Plan) else cache.plan
             raise UniprunerError(
                 f"this cache is already compressed (with {done!r}); it cannot be compressed again with "
-                f"{self.plan.method!r}. Feed it through a model patched with the same settings, or start a new cache"
+                f"{plan.method!r}. Feed it through a model patched with the same settings, or start a new cache"
             )
         kwargs[key] = cache
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -437,15 +230,15 @@ class KVCompressor:
             pos = torch.arange(seen, seen + q, device=ref.device).unsqueeze(0)
         if pos.ndim != 2:
             raise UniprunerError(f"position_ids must be [batch, new tokens], got shape {tuple(pos.shape)}")
-        cache.step = Step(valid, pos.expand(b, q))
-        self._last = cache
+        cache.step = Step(valid, pos.expand(b, q), plan)
         return args, kwargs
 
     def _model_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     output: Any) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if isinstance(cache, CompressedCache):
+        if isinstance(cache, CompressedCache) and cache.step is not None:
             cache.step = None
+            self.publish(cache)
 
     # -- hooks: attention level -----------------------------------------------------------------------
     @staticmethod
@@ -476,57 +269,16 @@ class KVCompressor:
             raise UniprunerError(f"{type(module).__name__} received its attention mask positionally; unsupported")
         kwargs["attention_mask"] = self._mask(spec, layer, cache.step, hidden)
         if layer.offset is not None:
-            kwargs["position_embeddings"] = self._rotary_at(spec, hidden, cache.step.positions - layer.offset[:, None])
+            kwargs["position_embeddings"] = rotary_at(self._rotary, spec, hidden,
+                                                      cache.step.positions - layer.offset[:, None])
         return args, kwargs
 
-    def _mask(self, spec: _Layer, layer: CompressedLayer, step: Step, hidden: Tensor) -> Tensor | None:
+    def _mask(self, spec: AttentionLayer, layer: CompressedLayer, step: Step, hidden: Tensor) -> Tensor | None:
         b, q = hidden.shape[0], hidden.shape[1]
-        dev = hidden.device
         old = layer.slot_valid() if layer.stored else torch.zeros(b, spec.n_kv_heads, 0, dtype=torch.bool,
-                                                                  device=dev)
-        if bool((old == old[:, :1]).all()):
-            old = old[:, :1]
-        if q == 1 and step.valid is None and bool(old.all()):
-            return None
-        new = torch.ones(q, q, dtype=torch.bool, device=dev).tril()[None, None]
-        if step.valid is not None:
-            new = (new & step.valid.to(dev)[:, None, None, :]) | torch.eye(q, dtype=torch.bool, device=dev)
-        h = old.shape[1]
-        full = torch.cat([old[:, :, None, :].expand(b, h, q, old.shape[-1]), new.expand(b, h, q, q)], dim=-1)
-        if h > 1:
-            full = _expand_heads(full, spec.n_heads)
-        if self.model.config._attn_implementation == "eager":
-            zero = torch.zeros((), dtype=hidden.dtype, device=dev)
-            return torch.where(full, zero, torch.finfo(hidden.dtype).min)
-        return full
-
-    def _rotary_at(self, spec: _Layer, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        rotary = self._rotary
-        if rotary is None:  # pragma: no cover - checked at patch time
-            raise UniprunerError("this model has no rotary embedding to re-rotate keys with")
-        if "layer_type" in inspect.signature(rotary.forward).parameters:
-            return rotary(x, positions, spec.layer_type)
-        return rotary(x, positions)
-
-    def _check_rerotate(self) -> None:
-        rotary = self._rotary
-        if rotary is None or not callable(rotary):
-            raise UniprunerError("rerotate=True needs a model whose decoder has a rotary_emb module")
-        scaling = getattr(rotary, "attention_scaling", 1.0)
-        rope_type = getattr(rotary, "rope_type", "default")
-        if scaling != 1.0 or rope_type in ("dynamic", "longrope", "yarn"):
-            raise UniprunerError(
-                f"rerotate=True re-applies RoPE by a position difference, which needs a static RoPE without "
-                f"attention scaling; this model uses rope_type={rope_type!r} (scaling {scaling})"
-            )
-
-    def _rotate(self, spec: _Layer, keys: Tensor, delta: Tensor) -> Tensor:
-        """Rotate post-RoPE keys ``[B, H, K, D]`` by ``delta [B, H, K]`` positions."""
-        b, h, k, d = keys.shape
-        flat = keys.reshape(b * h, 1, k, d)
-        cos, sin = self._rotary_at(spec, flat, delta.reshape(b * h, k))
-        out, _ = spec.rope(flat, flat, cos, sin)
-        return out.reshape(b, h, k, d)
+                                                                  device=hidden.device)
+        additive = hidden.dtype if self.model.config._attn_implementation == "eager" else None
+        return stored_slot_mask(old, step.valid, q, n_heads=spec.n_heads, additive=additive)
 
     def _attn_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    output: Any) -> None:
@@ -537,206 +289,101 @@ class KVCompressor:
         layer = cache.layers[spec.index]
         if not isinstance(layer, CompressedLayer) or not layer.is_initialized:
             return
+        plan: Plan = cache.step.settings
         with torch.no_grad():
             if not layer.compressed:
-                self._compress(cache, spec, layer, cache.step, self._hidden(args, kwargs),
-                               kwargs["position_embeddings"])
-            elif self.plan.evict is not None and layer.budget is not None:
-                self._evict(spec, layer, cache.step, self._hidden(args, kwargs), kwargs["position_embeddings"])
+                _compress(plan, self._rotary, cache, spec, layer, cache.step, self._hidden(args, kwargs),
+                          kwargs["position_embeddings"])
+            elif plan.evict is not None and layer.budget is not None:
+                _evict(plan, self._rotary, spec, layer, self._hidden(args, kwargs), kwargs["position_embeddings"])
 
-    # -- signals ------------------------------------------------------------------------------------
-    def _attention_rows(self, spec: _Layer, layer: CompressedLayer, hidden: Tensor,
-                        pe: tuple[Tensor, Tensor], rows: int | str, valid: Tensor | None) -> Tensor:
-        """Attention rows ``[B, H, R, S]`` of the new queries over the stored keys.
 
-        ``rows="all"``: the column sums of every new query's attention as one row ``[B, H, 1, S]``
-        (H2O's accumulated attention, computed in chunks of query rows without the full map).
-        ``valid`` is the key validity ``[B, H_kv, S]``.
-        """
-        keys = layer.k
-        s, q = keys.shape[-2], hidden.shape[1]
-        cos, sin = pe
-        key_mask = None if valid is None else _expand_heads(valid, spec.n_heads)
-        if rows != "all":
-            w = min(int(rows), q)
-            qs = _queries(spec, hidden[:, -w:], cos[:, -w:], sin[:, -w:])
-            return window_attention(qs, keys, scale=spec.scale, causal=True, key_mask=key_mask)
-        qs = _queries(spec, hidden, cos, sin)
-        b, h = qs.shape[0], qs.shape[1]
-        total = torch.zeros(b * h, s, dtype=torch.float32 if qs.dtype != torch.float64 else qs.dtype,
-                            device=keys.device)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * s))
-        for start in range(0, q, chunk):
-            end = min(q, start + chunk)
-            n = s - q + end  # the rows are the last (end - start) positions of the first n keys
-            km = None if key_mask is None else key_mask[..., :n]
-            probs = window_attention(qs[:, :, start:end], keys[:, :, :n], scale=spec.scale, causal=True, key_mask=km)
-            rmask = None if km is None else km.reshape(b * h, n)
-            col = accumulated_attention(probs.reshape(b * h, end - start, n), mask=rmask)
-            total[:, :n] += torch.where(torch.isfinite(col), col, torch.zeros_like(col)).to(total.dtype)
-        return total.reshape(b, h, 1, s)
+# ------------------------------------------------------------------------------------ what the hooks do
 
-    def _layout(self, layer: CompressedLayer, attn: Tensor | None, valid: Tensor | None,
-                n_kv: int) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """Tokens ``[B', S, D']``, mask ``[B', S]`` and signals for the registry method."""
-        keys, values = layer.k, layer.v
-        b, h, s, d = keys.shape
-        if self.plan.per_head:
-            tokens = keys.reshape(b * h, s, d)
-            mask = None if valid is None else valid.reshape(b * h, s)
-            signals = {"keys": tokens, "values": values.reshape(b * h, s, d)}
-            if attn is not None:
-                # group_heads without its input checks (a NaN scan of the rows we just computed):
-                # the same reshape + mean, ~0.5 ms per layer less at 1k tokens
-                r = attn.shape[-2]
-                signals["attn"] = attn.reshape(b, n_kv, attn.shape[1] // n_kv, r, s).mean(dim=2).reshape(b * h, r, s)
-        else:
-            tokens = keys.transpose(1, 2).reshape(b, s, h * d)
-            mask = None if valid is None else valid[:, 0]
-            signals = {"keys": tokens, "values": values.transpose(1, 2).reshape(b, s, h * d)}
-            if attn is not None:
-                signals["attn"] = attn
-        return tokens, mask, signals
 
-    def _per_head(self, x: Tensor, b: int, h: int) -> Tensor:
-        """``[B', ...]`` selection results -> ``[B, H, ...]``."""
-        if self.plan.per_head:
-            return x.reshape(b, h, *x.shape[1:])
-        return x[:, None].expand(b, h, *x.shape[1:])
+def _compress(plan: Plan, rotary: torch.nn.Module | None, cache: CompressedCache, spec: AttentionLayer,
+              layer: CompressedLayer, step: Step, hidden: Tensor, pe: tuple[Tensor, Tensor]) -> None:
+    """Compress one layer right after its prefill (once)."""
+    m = plan.method
+    keys, values = layer.k, layer.v
+    b, h, s, _ = keys.shape
+    valid = layer.valid  # identical across heads before the first compression
+    attn = None if plan.rows is None else attention_rows(spec, hidden, pe, keys, plan.rows, valid)
+    tokens, mask, signals = layout(keys, values, attn, valid, h, plan.per_head)
+    scores = None
+    if isinstance(m, ScoringMethod):
+        scores = m.score(tokens, mask=mask, **signals)
+        keep = prefill_keep(scores, m.budget, mask, n_protected=m.protected, recent=plan.recent)
+    else:
+        keep = m.select(tokens, mask=mask, **signals)
+    keep = to_heads(keep, b, h, plan.per_head)  # [B, H, K], -1 padded
+    kept = keep >= 0
+    idx = keep.clamp(min=0)
+    new_keys, new_values = gather_slots(keys, values, idx)
+    row_valid = valid[:, 0] if valid is not None else torch.ones(b, s, dtype=torch.bool, device=keys.device)
+    layer.prefill_valid = row_valid.sum(-1)
+    if plan.rerotate:
+        if s != step.positions.shape[-1]:
+            raise UniprunerError("rerotate=True needs the whole context in one prefill forward")
+        if not bool((kept.sum(-1) == kept[:, :1].sum(-1)).all()):
+            raise UniprunerError("rerotate=True needs the same number of kept tokens in every head")
+        delta, layer.offset = prefill_rerotation(step.positions.to(keys.device), row_valid, kept, idx)
+        new_keys = rotate(rotary, spec, new_keys, delta)
+    buf = None
+    if plan.evict is not None:
+        layer.budget = kept.sum(-1)
+        layer.recent = torch.floor(layer.budget.double() * plan.recent).long() if plan.recent else None
+        if plan.evict == "accumulate" and scores is not None:
+            buf = kept_scores(to_heads(scores, b, h, plan.per_head), idx, kept)
+    layer.replace(new_keys, new_values, kept, buf)
+    layer.compressed = True
+    cache.plan = plan
 
-    @staticmethod
-    def _leading(mask: Tensor, count: Tensor | int) -> Tensor:
-        """The first ``count`` valid positions of each row."""
-        rank = torch.cumsum(mask.long(), dim=-1)
-        c = count if isinstance(count, int) else count[..., None]
-        return mask & (rank <= c)
 
-    @staticmethod
-    def _trailing(mask: Tensor, count: Tensor | int) -> Tensor:
-        """The last ``count`` valid positions of each row."""
-        rank = torch.flip(torch.cumsum(torch.flip(mask.long(), [-1]), dim=-1), [-1])
-        c = count if isinstance(count, int) else count[..., None]
-        return mask & (rank <= c)
-
-    # -- compression at prefill ----------------------------------------------------------------------
-    def _compress(self, cache: CompressedCache, spec: _Layer, layer: CompressedLayer, step: Step,
-                  hidden: Tensor, pe: tuple[Tensor, Tensor]) -> None:
-        plan, m = self.plan, self.plan.method
-        keys, values = layer.k, layer.v
-        b, h, s, d = keys.shape
-        valid = layer.valid  # identical across heads before the first compression
-        attn = None if plan.rows is None else self._attention_rows(spec, layer, hidden, pe, plan.rows, valid)
-        tokens, mask, signals = self._layout(layer, attn, valid, h)
-        n = tokens.shape[0]
-        vmask = mask if mask is not None else torch.ones(n, s, dtype=torch.bool, device=keys.device)
-        scores = None
-        if isinstance(m, ScoringMethod):
-            scores = m.score(tokens, mask=mask, **signals)
-            counts = None if m.budget.data_dependent else m.budget.counts(vmask.sum(-1), n_max=s)
-            prot = self._leading(vmask, m.protected) if m.protected else torch.zeros_like(vmask)
-            if plan.recent and counts is not None:
-                prot = prot | self._trailing(vmask, torch.floor(counts.double() * plan.recent).long())
-            keep = topk(scores, m.budget, mask=mask, protected=prot if bool(prot.any()) else None)
-        else:
-            keep = m.select(tokens, mask=mask, **signals)
-        keep = self._per_head(keep, b, h)  # [B, H, K], -1 padded
-        kept = keep >= 0
-        idx = keep.clamp(min=0)
-        gather = idx[..., None].expand(b, h, idx.shape[-1], d)
-        new_keys, new_values = keys.gather(2, gather), values.gather(2, gather)
-        row_valid = valid[:, 0] if valid is not None else torch.ones(b, s, dtype=torch.bool, device=keys.device)
-        layer.prefill_valid = row_valid.sum(-1)
-        if plan.rerotate:
-            if s != step.positions.shape[-1]:
-                raise UniprunerError("rerotate=True needs the whole context in one prefill forward")
-            if not bool((kept.sum(-1) == kept[:, :1].sum(-1)).all()):
-                raise UniprunerError("rerotate=True needs the same number of kept tokens in every head")
-            orig = step.positions.to(keys.device)[:, None, :].expand(b, h, s).gather(2, idx)
-            new_pos = torch.cumsum(kept.long(), dim=-1) - 1
-            delta = torch.where(kept, new_pos - orig, torch.zeros_like(orig))
-            new_keys = self._rotate(spec, new_keys, delta)
-            pos = step.positions.to(keys.device)
-            last = torch.where(row_valid, pos, torch.full_like(pos, -1)).amax(-1)
-            layer.offset = last + 1 - kept[:, 0].sum(-1)
-        buf = None
-        if plan.evict is not None:
-            layer.budget = kept.sum(-1)
-            recent = torch.floor(layer.budget.double() * plan.recent).long() if plan.recent else None
-            layer.recent = recent
-            if plan.evict == "accumulate" and scores is not None:
-                sc = self._per_head(scores, b, h)
-                sc = torch.where(torch.isfinite(sc), sc, torch.zeros_like(sc)).gather(2, idx)
-                buf = torch.where(kept, sc, torch.zeros_like(sc)).to(torch.float32)
-        layer.replace(new_keys, new_values, kept, buf)
-        layer.compressed = True
-        cache.plan = plan
-
-    # -- eviction while decoding ---------------------------------------------------------------------
-    def _evict(self, spec: _Layer, layer: CompressedLayer, step: Step, hidden: Tensor,
-               pe: tuple[Tensor, Tensor]) -> None:
-        plan, m = self.plan, self.plan.method
-        assert isinstance(m, ScoringMethod) and layer.budget is not None
-        keys = layer.k
-        b, h, s, d = keys.shape
-        valid = layer.slot_valid()
-        if plan.evict == "positional":
-            attn = None
-        else:
-            rows: int | str = hidden.shape[1] if plan.evict == "accumulate" else 1
-            attn = self._attention_rows(spec, layer, hidden, pe, rows, valid)
-        tokens, mask, signals = self._layout(layer, attn, valid, h)
-        sc = self._per_head(m.score(tokens, mask=mask, **signals), b, h).to(torch.float32)
-        if plan.evict == "accumulate":
-            inc = torch.where(valid & torch.isfinite(sc), sc, torch.zeros_like(sc))
-            layer.scores = (layer.scores if layer.scores is not None else torch.zeros_like(inc)) + inc
-            sc = layer.scores
-        count = valid.sum(-1)
-        n_evict = (count - layer.budget).clamp(min=0)
-        if not bool((n_evict > 0).any()):
-            return
-        protected = self._leading(valid, m.protected) if m.protected else torch.zeros_like(valid)
-        if layer.recent is not None:
-            protected = protected | self._trailing(valid, layer.recent)
-        evictable = valid & ~protected & (sc != math.inf)
-        key = torch.where(evictable, sc, torch.full_like(sc, math.inf))
-        order = torch.sort(key, dim=-1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s, device=keys.device).expand(b, h, s))
-        keepmask = valid & ~(evictable & (rank < n_evict[..., None]))
-        new_count = keepmask.sum(-1)
-        width = int(new_count.max())
-        slot_order = torch.sort((~keepmask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        new_valid = torch.arange(width, device=keys.device) < new_count[..., None]
-        gather = slot_order[..., None].expand(b, h, width, d)
-        new_keys, new_values = keys.gather(2, gather), layer.v.gather(2, gather)
-        buf = None if layer.scores is None else layer.scores.gather(2, slot_order)
-        if layer.offset is not None:
-            old_rank = (torch.cumsum(valid.long(), dim=-1) - 1).gather(2, slot_order)
-            new_rank = torch.arange(width, device=keys.device).expand(b, h, width)
-            delta = torch.where(new_valid, new_rank - old_rank, torch.zeros_like(old_rank))
-            new_keys = self._rotate(spec, new_keys, delta)
-            layer.offset = layer.offset + (count - new_count)[:, 0]
-        layer.replace(new_keys, new_values, new_valid, buf)
+def _evict(plan: Plan, rotary: torch.nn.Module | None, spec: AttentionLayer, layer: CompressedLayer,
+           hidden: Tensor, pe: tuple[Tensor, Tensor]) -> None:
+    """Shrink one layer back to its fixed budget after a decoding step (H2O, TOVA, StreamingLLM)."""
+    m = plan.method
+    assert isinstance(m, ScoringMethod) and layer.budget is not None
+    keys, values = layer.k, layer.v
+    b, h = keys.shape[0], keys.shape[1]
+    valid = layer.slot_valid()
+    attn = None
+    if plan.evict != "positional":
+        attn = attention_rows(spec, hidden, pe, keys, hidden.shape[1] if plan.evict == "accumulate" else 1, valid)
+    tokens, mask, signals = layout(keys, values, attn, valid, h, plan.per_head)
+    sc = to_heads(m.score(tokens, mask=mask, **signals), b, h, plan.per_head).to(torch.float32)
+    if plan.evict == "accumulate":
+        layer.scores = sc = accumulate(layer.scores, sc, valid)
+    keepmask = evict_keep(valid, sc, layer.budget, n_protected=m.protected, recent=layer.recent)
+    if keepmask is None:
+        return
+    slot_order, new_valid = compact(keepmask)
+    new_keys, new_values = gather_slots(keys, values, slot_order)
+    buf = None if layer.scores is None else layer.scores.gather(2, slot_order)
+    if layer.offset is not None:
+        new_keys = rotate(rotary, spec, new_keys, compaction_shift(valid, slot_order, new_valid))
+        layer.offset = layer.offset + (valid.sum(-1) - new_valid.sum(-1))[:, 0]
+    layer.replace(new_keys, new_values, new_valid, buf)
 
 
 # ------------------------------------------------------------------------------------ public API
 
 
 def find(model: Any) -> KVCompressor | None:
-    """The active :class:`KVCompressor` of ``model``, or None (found through its hooks)."""
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, torch.nn.Module):
-        return None
-    for fn in base._forward_pre_hooks.values():
-        owner = getattr(fn, "__self__", None)
-        if isinstance(owner, KVCompressor):
-            return owner
-    return None
+    """The active :class:`KVCompressor` of ``model``, or None (found through its hooks, nothing stored on it)."""
+    return find_handle(model, KVCompressor)
 
 
 def patch(model: Any, method: str | Method = "snapkv", ratio: float | None = None, *, keep: int | None = None,
           budget: Budget | None = None, per_head: bool | None = None, evict: bool | None = None,
           recent: float | None = None, rerotate: bool = False, **params: Any) -> KVCompressor:
-    """Compress ``model``'s KV cache at prefill from now on (per instance; undo with :func:`unpatch`).
+    """Compress ``model``'s KV cache at prefill from now on (per instance; a context manager).
+
+    ``with unipruner.kv.patch(model, "snapkv", ratio=0.5) as h:`` unpatches on exit; without
+    ``with``, undo with ``h.unpatch()`` or :func:`unpatch`. Patching again with identical
+    settings returns the same handle; with other settings it raises (change them with
+    ``h.configure(...)``).
 
     Parameters
     ----------
@@ -771,7 +418,7 @@ def patch(model: Any, method: str | Method = "snapkv", ratio: float | None = Non
     Returns
     -------
     KVCompressor
-        The handle; ``.unpatch()``, ``.stats()``, ``.describe()``.
+        The handle: ``configure()``, ``stats()``, ``describe()``, ``unpatch()``.
 
     Raises
     ------
@@ -781,32 +428,20 @@ def patch(model: Any, method: str | Method = "snapkv", ratio: float | None = Non
     """
     plan = make_plan(method, ratio, keep=keep, budget=budget, per_head=per_head, evict=evict, recent=recent,
                      rerotate=rerotate, **params)
-    existing = find(model)
+    existing = reuse_or_refuse(model, KVCompressor, plan)
     if existing is not None:
-        if existing.same_settings(plan):
-            return existing
-        raise UniprunerError(
-            f"this model is already patched ({existing!r}); call unipruner.kv.unpatch(model) first"
-        )
+        return existing
     handle = KVCompressor(model, plan)
     handle._install()
     return handle
 
 
-def unpatch(model: Any) -> None:
-    """Remove :func:`patch`'s hooks from ``model``; an unpatched model is an error."""
+#: ``with unipruner.kv.compress(model, "snapkv", ratio=0.5) as h:`` — the same function as :func:`patch`
+#: (kept for the name; both return the handle, which unpatches when the ``with`` block ends).
+compress = patch
+
+
+def unpatch(model: Any) -> bool:
+    """Remove :func:`patch`'s hooks from ``model`` (exactly as before); False when it was not patched."""
     handle = find(model)
-    if handle is None:
-        raise UniprunerError("this model is not patched by unipruner.kv (nothing to unpatch)")
-    handle.unpatch()
-
-
-def compress(model: Any, method: str | Method = "snapkv", ratio: float | None = None, **kwargs: Any) -> KVCompressor:
-    """Context manager: ``with unipruner.kv.compress(model, "snapkv", ratio=0.5) as kv: ...``.
-
-    Same arguments as :func:`patch`; the hooks are removed on exit. The handle's
-    :meth:`KVCompressor.stats` reports the latest cache.
-    """
-    if find(model) is not None:
-        raise UniprunerError("this model is already patched by unipruner.kv; unpatch it before compress()")
-    return patch(model, method, ratio, **kwargs)
+    return False if handle is None else handle.unpatch()

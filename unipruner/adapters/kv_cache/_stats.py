@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ...errors import UniprunerError
-from ._cache import CompressedCache, CompressedLayer
+from ...hosts.cache import CompressedCache, CompressedLayer
+from ...hosts.patching import PatchHandle
 
 __all__ = ["KVStats", "LayerStats", "stats"]
 
@@ -88,8 +89,8 @@ def stats(cache: Any) -> KVStats:
 
     Parameters
     ----------
-    cache : CompressedCache, KVCompressor, or a model output with ``.cache``
-        A handle reports its latest cache.
+    cache : CompressedCache, the handle of :func:`unipruner.kv.patch`, or a model output with ``.cache``
+        A handle reports the cache of its last call (``handle.stats()``).
 
     Returns
     -------
@@ -97,21 +98,29 @@ def stats(cache: Any) -> KVStats:
 
     Examples
     --------
+    >>> import torch, transformers
     >>> import unipruner
-    >>> # with unipruner.kv.compress(model, "snapkv", ratio=0.5) as kv:
-    >>> #     out = model(ids)
-    >>> # print(unipruner.kv.stats(out.cache))
+    >>> cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+    ...                                num_key_value_heads=1, intermediate_size=64, vocab_size=50)
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(cfg).eval()
+    >>> with unipruner.kv.patch(model, "knorm", ratio=0.5), torch.no_grad():
+    ...     out = model(torch.randint(0, 50, (1, 20)))
+    >>> st = unipruner.kv.stats(out)
+    >>> [(s.kind, s.tokens_before, s.tokens_after) for s in st.layers], st.ratio
+    ([('compressed', 20, 10), ('compressed', 20, 10)], 0.5)
     """
-    from ._patch import KVCompressor
-
-    if isinstance(cache, KVCompressor):
-        cache = cache.last_cache
-    elif not isinstance(cache, CompressedCache) and hasattr(cache, "cache"):
+    if isinstance(cache, PatchHandle):
+        got = cache.stats()
+        if not isinstance(got, KVStats):
+            raise UniprunerError(f"stats() of a unipruner.{cache.domain} handle is not a KV cache report")
+        return got
+    if not isinstance(cache, CompressedCache) and hasattr(cache, "cache"):
         cache = cache.cache
     if not isinstance(cache, CompressedCache):
         raise UniprunerError(
             f"stats() needs a unipruner CompressedCache (the .cache of a patched model's output, or the handle "
-            f"returned by compress()), got {type(cache).__name__}"
+            f"returned by patch()), got {type(cache).__name__}"
         )
     out = []
     for i, layer in enumerate(cache.layers):
