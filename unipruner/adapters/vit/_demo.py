@@ -9,18 +9,20 @@ __all__ = ["demo_section"]
 
 
 def demo_section(console: Any, ratio: float) -> None:
-    """ViT-B/16 (random weights, batch 2, 224x224): ToMe and EViT keeping ``ratio`` of the patches.
+    """ViT-B/16 (random weights, batch 2, 224x224): ToMe and EViT leaving ``ratio`` of the patches at the end.
 
     Token Merging (Bolya et al., ICLR 2023) and EViT (Liang et al., ICLR 2022) through
-    :func:`unipruner.vit.patch`; shows tokens per block, FLOPs (``torch.utils.flop_counter``), wall
-    time and the cosine between the pruned and unpruned CLS embeddings. About 10 s on 2 cores.
+    :func:`unipruner.vit.patch` with ``Schedule.geometric(final=ratio)``; shows tokens per block,
+    FLOPs (``torch.utils.flop_counter``), wall time and the cosine between the pruned and unpruned
+    CLS embeddings. About 10 s on 2 cores.
     """
     import torch
     from rich.table import Table
     from torch.utils.flop_counter import FlopCounterMode
 
     from ...models import require
-    from ._patch import patched
+    from ...select import Schedule
+    from ._patch import patch
 
     require("transformers", "vision")
     from transformers import ViTConfig, ViTModel
@@ -44,10 +46,11 @@ def demo_section(console: Any, ratio: float) -> None:
     for col in ("model", "tokens after block 1 / 6 / 12", "GFLOPs", "seconds", "CLS cosine"):
         table.add_column(col, justify="left" if col == "model" else "right")
     table.add_row("unpatched", "197 / 197 / 197", f"{f_ref:.1f}", f"{t_ref:.2f}", "1.000")
-    for name, params in (("tome", {}), ("evit", {"reduction": "fuse"})):
-        with patched(model, name, ratio=ratio, **params) as p:
+    variants: tuple[tuple[str, dict[str, Any]], ...] = (("tome", {}), ("evit", {"reduction": "fuse"}))
+    for name, params in variants:
+        with patch(model, name, schedule=Schedule.geometric(final=ratio), **params) as h:
             out, dt, fl = run()
-            plan = p.tokens_per_layer()
+            plan = h.stats().tokens
         cos = float(torch.nn.functional.cosine_similarity(out[:, 0], ref[:, 0], dim=-1).mean())
         label = name + (" (fuse)" if params else "")
         table.add_row(label, f"{plan[0][1]} / {plan[5][1]} / {plan[11][1]}", f"{fl:.1f}", f"{dt:.2f}", f"{cos:.3f}")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ...errors import UniprunerError
 from ...models import require
-from ._patch import _handle, kept_tokens
+from ._patch import find
 
 __all__ = ["merge_image", "visualize"]
 
@@ -27,7 +27,7 @@ def merge_image(image: Tensor, owner: Tensor, patch_size: tuple[int, int]) -> Te
     image : Tensor ``[C, H, W]``
         The input image (any range; shown min-max normalised). ``C`` is 1 or 3.
     owner : Tensor ``[gh * gw]`` long
-        Group of every patch in raster order (``-1`` = dropped), e.g. ``kept_tokens(m)[l].owner[b, prefix:]``.
+        Group of every patch in raster order (``-1`` = dropped), e.g. ``handle.stats()[l].owner[b, prefix:]``.
     patch_size : (int, int)
 
     Returns
@@ -99,14 +99,16 @@ def visualize(model: nn.Module, pixel_values: Tensor, path: str | os.PathLike[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    handle = _handle(model)
+    handle = find(model)
+    if handle is None:
+        raise UniprunerError(f"{type(model).__name__} is not patched; call unipruner.vit.patch(model, ...) first")
     if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4:
         raise UniprunerError("pixel_values must be a tensor [B, C, H, W]")
     if not -pixel_values.shape[0] <= index < pixel_values.shape[0]:
         raise UniprunerError(f"index {index} is outside the batch of {pixel_values.shape[0]}")
     with torch.no_grad():
         model(pixel_values, **forward_kwargs)
-    records = kept_tokens(model)
+    records = handle.stats().layers
     wanted = [layers] if isinstance(layers, int) else list(layers)
     for w in wanted:
         if not -len(records) <= w < len(records):
@@ -125,7 +127,7 @@ def visualize(model: nn.Module, pixel_values: Tensor, path: str | os.PathLike[st
         rec = records[w]
         owner = rec.owner[index, host.protected:]
         ax.imshow(merge_image(image, owner, host.patch_size).numpy())
-        ax.set_title(f"{handle.method.name}, after block {rec.layer}: {rec.n_out} tokens", fontsize=9)
+        ax.set_title(f"{handle.settings.method.name}, after block {rec.layer}: {rec.n_out} tokens", fontsize=9)
     for ax in axes[0]:
         ax.set_axis_off()
     fig.tight_layout()
