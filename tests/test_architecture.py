@@ -169,3 +169,16 @@ def test_hosts_package_imports_no_host_library() -> None:
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
+
+
+def test_only_the_scoped_helper_sets_process_wide_thread_counts() -> None:
+    """``torch.set_num_threads`` / ``omp_set_num_threads`` appear only in ``unipruner/_threads.py``."""
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        if path.name == "_threads.py" and path.parent == ROOT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("set_num_threads", "omp_set_num_threads",
+                                                                  "set_num_interop_threads"):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.attr}")
+    assert not bad, bad

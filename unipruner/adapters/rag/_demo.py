@@ -107,15 +107,16 @@ def demo_section(console: Any, ratio: float) -> None:
     import torch
     from rich.table import Table
 
+    from ..._threads import limit_threads
     from ...select import Budget
     from ._pruner import ContextPruner
 
     console.rule(f"[bold]rag: pruning a HotpotQA question's 10 paragraphs to {ratio:.0%} of their tokens")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     question, docs, answers = demo_documents()
     pruner = ContextPruner("query_similarity", Budget(ratio=ratio))
     t0 = time.perf_counter()
-    result = pruner.prune(question, docs)
+    with limit_threads(min(2, torch.get_num_threads())):  # the caller's setting comes back afterwards
+        result = pruner.prune(question, docs)
     dt = time.perf_counter() - t0
     console.print(f"question: {question!r}  (gold answer: {answers[0]!r})")
     table = Table()

@@ -27,11 +27,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..._threads import limit_threads
 from ...errors import UniprunerError
 from ...methods import Method
 from ...methods import method as make_method
 from ...models import load_minilm, load_smollm2, require
-from ...scorers.importance import idf, idf_table, query_attention, query_similarity, window_attention
+from ...scorers.importance import idf, idf_table, query_attention, query_similarity
 
 __all__ = [
     "SCORERS",
@@ -251,26 +252,19 @@ class EmbeddingScorer:
         states: list[Tensor | None] = [None] * len(pieces)
         pad = tok.pad_token_id or 0
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
-        old = torch.get_num_threads()
-        with self._lock, torch.inference_mode(), ctx:
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            try:
-                for b in range(0, len(order), self.batch_size):
-                    idx = order[b:b + self.batch_size]
-                    n = max(len(built[j]) for j in idx)
-                    ids_t = torch.full((len(idx), n), pad, dtype=torch.long)
-                    mask = torch.zeros((len(idx), n), dtype=torch.long)
-                    for r, j in enumerate(idx):
-                        ids_t[r, : len(built[j])] = torch.tensor(built[j])
-                        mask[r, : len(built[j])] = 1
-                    out = net(input_ids=ids_t.to(net.device), attention_mask=mask.to(net.device))
-                    h = out.last_hidden_state.float().cpu()
-                    for r, j in enumerate(idx):
-                        states[j] = h[r, : len(built[j])]
-            finally:
-                if self.threads:
-                    torch.set_num_threads(old)
+        with self._lock, torch.inference_mode(), ctx, limit_threads(self.threads or None):
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b:b + self.batch_size]
+                n = max(len(built[j]) for j in idx)
+                ids_t = torch.full((len(idx), n), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), n), dtype=torch.long)
+                for r, j in enumerate(idx):
+                    ids_t[r, : len(built[j])] = torch.tensor(built[j])
+                    mask[r, : len(built[j])] = 1
+                out = net(input_ids=ids_t.to(net.device), attention_mask=mask.to(net.device))
+                h = out.last_hidden_state.float().cpu()
+                for r, j in enumerate(idx):
+                    states[j] = h[r, : len(built[j])]
         result: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in texts]
         for j, (i, ids, off) in enumerate(pieces):
             st = states[j]
@@ -631,14 +625,17 @@ class FocalAttentionScorer(_LMBase):
     prefix; the last token's attention to the context, averaged over heads
     (:func:`unipruner.scorers.importance.query_attention`) and over ``layers``, scores each
     context token; a unit scores the mean of its tokens. Only the focal token's row is computed,
-    from the layers' post-RoPE queries and keys captured by forward pre-hooks
-    (:func:`~unipruner.scorers.importance.window_attention`), so the model keeps running SDPA,
-    and the forward pass stops after the last layer used.
+    by forward pre-hooks that recompute the layer's queries and keys from its input exactly as
+    the layer does (:func:`unipruner.hosts.hf_attention.input_rows`: q/k norms, fused qkv, RoPE,
+    grouped-query heads, sliding windows), so the model keeps running SDPA, and the forward pass
+    stops after the last layer used.
 
     Parameters
     ----------
     model, tokenizer : optional
-        A Hugging Face Llama-family causal LM; default SmolLM2-135M-Instruct (offline package).
+        A Hugging Face causal LM of a family :mod:`unipruner.hosts.hf_attention` supports (Llama /
+        SmolLM2, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3 text); default SmolLM2-135M-Instruct
+        (offline package).
     layers : sequence of int, optional
         Decoder layers to average; default the middle third.
     answer_prefix : str
@@ -668,36 +665,34 @@ class FocalAttentionScorer(_LMBase):
         return _per_document(tok_scores, local, doc, spans, "mean")
 
     def _focal(self, model: Any, ids: Tensor) -> Tensor:
-        llama = require("transformers.models.llama.modeling_llama", "llm")
-        layers = model.model.layers
-        wanted = self._layer_ids(len(layers))
-        rows: list[Tensor] = []
+        from ...hosts import hf_attention as hf
+
+        base = hf.decoder(model, user="the focal_attention scorer", implementations=None)
+        specs, _ = hf.attention_layers(model, base, sliding=True)  # every layer, windows included
+        wanted = self._layer_ids(len(specs))
+        by_module = {id(specs[i].module): specs[i] for i in wanted}
+        rows: list[Tensor] = []  # this call's rows (the hooks live only for this call, under the lock)
         last = wanted[-1]
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            spec = by_module[id(module)]
             h: Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            cos, sin = kwargs["position_embeddings"]
-            b, n, _ = h.shape
-            hd = module.head_dim
-            q = module.q_proj(h[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)
-            k = module.k_proj(h).view(b, n, -1, hd).transpose(1, 2)
-            q, _ = llama.apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-            k, _ = llama.apply_rotary_pos_emb(k, k, cos, sin)
-            attn = window_attention(q, k, scale=float(module.scaling))  # [B, H, 1, N]
+            attn = hf.input_rows(spec, h, kwargs["position_embeddings"], 1)  # [B, H, 1, N]
             rows.append(query_attention(attn)[0])
-            if module.layer_idx == last:
+            if spec.index == last:
                 raise _Stop
 
-        handles = [layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True) for i in wanted]
-        try:
-            with self._lock, torch.inference_mode():
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            for hd_ in handles:
-                hd_.remove()
+        with self._lock:
+            handles = [specs[i].module.register_forward_pre_hook(hook, with_kwargs=True) for i in wanted]
+            try:
+                with torch.inference_mode():
+                    try:
+                        model(input_ids=ids, use_cache=False)
+                    except _Stop:
+                        pass
+            finally:
+                for hd_ in handles:
+                    hd_.remove()
         return torch.stack(rows).mean(dim=0)
 
 
