@@ -21,7 +21,7 @@ def main() -> None:
     queries = colbert.encode_tokens(model, data.query_texts)
     with tempfile.TemporaryDirectory() as tmp:
         src = colbert.write_raw(Path(tmp) / "index", docs, ids=data.doc_ids, dtype="float16")
-        res = colbert.compress(src, Path(tmp) / "pooled", colbert.ReduceSpec("ward_cosine", factor=2, protected=1))
+        res = colbert.compress(src, Path(tmp) / "pooled", colbert.ReduceSpec("ward_cosine_pool", factor=2, protected=1))
         before = colbert.evaluate_index(colbert.open_index(src), data, queries)
         after = colbert.evaluate_index(colbert.open_index(res.dst.path), data, queries)
         print(f"vectors {res.src.n_vectors:,} -> {res.dst.n_vectors:,}; bytes {res.src.n_bytes:,} -> "

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import unipruner
+from unipruner import Budget
 from unipruner.adapters.colbert import _methods as M
 from unipruner.adapters.colbert._compress import compress, open_index
 from unipruner.adapters.colbert._eval import maxsim_search, metrics
@@ -51,24 +53,28 @@ LENS = [1, 2, 3, 7, 12, 30, 31, 64, 5, 9]
 
 def test_target_counts_match_pylate_pool_factor_and_never_empty() -> None:
     lens = np.array([1, 2, 3, 10, 11, 100])
-    got = target_counts(lens, ReduceSpec("ward", factor=3)).tolist()
+    got = target_counts(lens, ReduceSpec("ward_pool", factor=3)).tolist()
     assert got == [max(n // 3, 1) for n in lens]
-    got = target_counts(lens, ReduceSpec("ward", factor=2, protected=1)).tolist()
+    got = target_counts(lens, ReduceSpec("ward_pool", factor=2, protected=1)).tolist()
     assert got == [1, 2, 2, 5, 6, 50]  # protected + max((n - 1) // 2, 1)
-    assert target_counts(lens, ReduceSpec("norm", ratio=0.3)).tolist() == [1, 1, 1, 3, 3, 30]
-    assert target_counts(lens, ReduceSpec("norm", keep=4)).tolist() == [1, 2, 3, 4, 4, 4]
+    assert target_counts(lens, ReduceSpec("hidden_norm", ratio=0.3)).tolist() == [1, 1, 1, 3, 3, 30]
+    assert target_counts(lens, ReduceSpec("hidden_norm", keep=4)).tolist() == [1, 2, 3, 4, 4, 4]
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "nope", "factor": 2}, "unknown method"),
-    ({"method": "ward"}, "exactly one budget"),
-    ({"method": "ward", "factor": 2, "ratio": 0.5}, "exactly one budget"),
-    ({"method": "ward", "factor": 0.5}, "factor"),
-    ({"method": "norm", "ratio": 0.0}, "at least one vector"),
-    ({"method": "norm", "keep": 0}, "at least one vector"),
-    ({"method": "norm", "ratio": 0.5, "protected": -1}, "protected"),
-    ({"method": "ward", "factor": 2, "scope": "global"}, "per document only"),
-    ({"method": "norm", "factor": 2, "scope": "everywhere"}, "scope"),
+    ({"method": "ward_pool"}, "exactly one budget"),
+    ({"method": "ward_pool", "factor": 2, "ratio": 0.5}, "exactly one budget"),
+    ({"method": "ward_pool", "factor": 0.5}, "factor"),
+    ({"method": "hidden_norm", "ratio": 0.0}, "at least one vector"),
+    ({"method": "hidden_norm", "keep": 0}, "at least one vector"),
+    ({"method": "hidden_norm", "ratio": 0.5, "protected": -1}, "protected"),
+    ({"method": "ward_pool", "factor": 2, "scope": "global"}, "per document only"),
+    ({"method": "hidden_norm", "factor": 2, "scope": "everywhere"}, "scope"),
+    ({"method": "ward_cosine", "factor": 2}, "ColBERT method 'ward_cosine' is now 'ward_cosine_pool'"),
+    ({"method": "norm", "ratio": 0.5}, "ColBERT method 'norm' is now 'hidden_norm'"),
+    ({"method": "tome", "ratio": 0.5}, "does not apply to multi-vector indexes"),
+    ({"method": "mmr", "ratio": 0.5}, "does not apply to multi-vector indexes"),
 ])
 def test_spec_rejects_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(UniprunerError, match=match):
@@ -84,7 +90,7 @@ def test_ward_matches_scipy_per_document() -> None:
     from scipy.cluster.hierarchy import fcluster, linkage
 
     docs = _docs(LENS, seed=1)
-    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("ward", factor=2, protected=1)))
+    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("ward_pool", factor=2, protected=1)))
     for d, o in zip(docs, out, strict=True):
         n = d.shape[0]
         k = 1 if n == 1 else 1 + max((n - 1) // 2, 1)
@@ -105,7 +111,7 @@ def test_ward_cosine_matches_pylate_scipy_criterion() -> None:
     from scipy.cluster.hierarchy import fcluster, linkage
 
     docs = _docs(LENS, seed=16)
-    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("ward_cosine", factor=3, protected=1)))
+    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("ward_cosine_pool", factor=3, protected=1)))
     for d, o in zip(docs, out, strict=True):
         n = d.shape[0]
         k = 1 if n == 1 else 1 + max((n - 1) // 3, 1)
@@ -125,7 +131,7 @@ def test_ward_cosine_matches_pylate_scipy_criterion() -> None:
 
 def test_sequential_pooling_matches_naive_runs() -> None:
     docs = _docs(LENS, seed=2)
-    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("sequential", factor=3)))
+    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("sequential_pool", factor=3)))
     for d, o in zip(docs, out, strict=True):
         n = d.shape[0]
         k = max(n // 3, 1)
@@ -134,12 +140,14 @@ def test_sequential_pooling_matches_naive_runs() -> None:
         torch.testing.assert_close(o, ref)
 
 
-def test_kmeans_recovers_separated_clusters() -> None:
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_kmeans_recovers_separated_clusters(backend: str) -> None:
     g = torch.Generator().manual_seed(3)
     centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1) * 5
     lab = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])
     doc = centres[lab] + 0.01 * torch.randn(12, 16, generator=g)
-    out = reduce_chunk(_chunk([doc, doc[:1]]), ReduceSpec("kmeans", keep=4))
+    spec = ReduceSpec(unipruner.method("kmeans_pool", budget=Budget(keep=4), backend=backend))
+    out = reduce_chunk(_chunk([doc, doc[:1]]), spec)
     assert out.doclens.tolist() == [4, 1]
     ref = torch.stack([doc[lab == c].mean(0) for c in range(4)])  # first-member order = 0, 1, 2, 3
     torch.testing.assert_close(out.vectors[:4], ref, atol=1e-5, rtol=1e-5)
@@ -153,7 +161,7 @@ def _naive_keep(d: torch.Tensor, k: int, score: list[float], protected: int = 0)
     return d[keep]
 
 
-@pytest.mark.parametrize("method", ["first", "norm", "duplicates", "centroid"])
+@pytest.mark.parametrize("method", ["first", "hidden_norm", "duplicates", "centroid"])
 def test_scoring_methods_match_naive(method: str) -> None:
     docs = _docs(LENS, seed=4)
     docs[5][7] = docs[5][2] * 1.001  # a near-duplicate
@@ -164,7 +172,7 @@ def test_scoring_methods_match_naive(method: str) -> None:
         u = torch.nn.functional.normalize(d, dim=1)
         if method == "first":
             score = [-float(i) for i in range(n)]
-        elif method == "norm":
+        elif method == "hidden_norm":
             score = [float(v.norm()) for v in d]
         elif method == "duplicates":
             score = [2.0] + [1.0 - max(float(u[i] @ u[j]) for j in range(i)) for i in range(1, n)]
@@ -178,7 +186,7 @@ def test_scoring_methods_match_naive(method: str) -> None:
 
 def test_diversity_matches_naive_max_min() -> None:
     docs = _docs([9, 14, 4], seed=5)
-    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("diversity", keep=4)))
+    out = _split(reduce_chunk(_chunk(docs), ReduceSpec("divprune", keep=4)))
     for d, o in zip(docs, out, strict=True):
         u = torch.nn.functional.normalize(d, dim=1)
         dist = 1 - u @ u.T
@@ -197,7 +205,7 @@ def test_diversity_matches_naive_max_min() -> None:
 
 def test_batching_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
     docs = _docs([3, 50, 4, 49, 8, 2, 17], seed=6)
-    for method in ("ward", "ward_cosine", "duplicates", "sequential"):
+    for method in ("ward_pool", "ward_cosine_pool", "duplicates", "sequential_pool"):
         a = reduce_chunk(_chunk(docs), ReduceSpec(method, factor=2))
         with monkeypatch.context() as mp:
             mp.setattr(M, "BATCH_BYTES", 1)  # one document per batch
@@ -208,7 +216,9 @@ def test_batching_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_every_method_keeps_one_vector_per_document() -> None:
     docs = _docs([1, 1, 2, 40], seed=7)
-    for method in M.METHODS[:-2]:  # all but idf / stopwords (they need token ids)
+    for method in M.accepted_methods():
+        if ReduceSpec(method, factor=2).needs_tokens:  # idf / stopwords: tested with a tokenizer below
+            continue
         out = reduce_chunk(_chunk(docs), ReduceSpec(method, factor=100))
         assert out.doclens.tolist() == [1, 1, 1, 1], method
         assert out.vectors.shape == (4, 16)
@@ -218,7 +228,7 @@ def test_global_budget_spends_removal_by_score() -> None:
     docs = _docs([10, 10, 10], seed=8)
     docs[0] = docs[0] * 10  # large norms: document 0 should keep most of its vectors
     ch = _chunk(docs)
-    spec = ReduceSpec("norm", ratio=0.4, scope="global")
+    spec = ReduceSpec("hidden_norm", ratio=0.4, scope="global")
     scores = M.chunk_scores(ch, spec)
     counts = global_counts(scores, ch.doclens, M.global_total(30, 3, spec))
     assert counts.sum() == 12 and counts.min() >= 1 and counts[0] == 10
@@ -332,7 +342,7 @@ def test_raw_rejects_broken_index(tmp_path: Path, what: str, match: str) -> None
     with pytest.raises(IndexFormatError, match=match):
         RawIndex.open(p)
     with pytest.raises(UniprunerError, match=match):
-        compress(p, tmp_path / "out", ReduceSpec("ward", factor=2))
+        compress(p, tmp_path / "out", ReduceSpec("ward_pool", factor=2))
     assert not (tmp_path / "out").exists()
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".out")]
 
@@ -356,7 +366,7 @@ def test_compress_is_atomic_and_leaves_src_alone(tmp_path: Path, monkeypatch: py
     docs = _docs([int(n) for n in np.random.default_rng(0).integers(1, 40, size=60)], seed=12)
     src = write_raw(tmp_path / "src", docs, dtype="float16")
     before = _tree_hash(src)
-    res = compress(src, tmp_path / "dst", ReduceSpec("ward", factor=2, protected=1))
+    res = compress(src, tmp_path / "dst", ReduceSpec("ward_pool", factor=2, protected=1))
     assert _tree_hash(src) == before
     assert res.src.n_chunks > 5 and res.dst.format == "raw" and res.dst.n_docs == 60
     assert res.dst.n_vectors == int(target_counts(res.src.doclens, res.spec).sum())
@@ -378,7 +388,7 @@ def test_compress_failure_midway_removes_tmp(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(raw_mod, "CHUNK_VECTORS", 4)
     p = _bad(tmp_path, "nan")  # NaN in the second chunk: found while streaming, after the writer started
     with pytest.raises(IndexFormatError, match="NaN"):
-        compress(p, tmp_path / "out", ReduceSpec("ward", factor=2))
+        compress(p, tmp_path / "out", ReduceSpec("ward_pool", factor=2))
     assert sorted(x.name for x in tmp_path.iterdir()) == ["nan"]
 
 
@@ -386,8 +396,8 @@ def test_workers_give_identical_output(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(raw_mod, "CHUNK_VECTORS", 200)
     docs = _docs([int(n) for n in np.random.default_rng(1).integers(1, 30, size=80)], seed=13)
     src = write_raw(tmp_path / "src", docs)
-    a = compress(src, tmp_path / "a", ReduceSpec("norm", ratio=0.5, scope="global"), workers=1)
-    b = compress(src, tmp_path / "b", ReduceSpec("norm", ratio=0.5, scope="global"), workers=2)
+    a = compress(src, tmp_path / "a", ReduceSpec("hidden_norm", ratio=0.5, scope="global"), workers=1)
+    b = compress(src, tmp_path / "b", ReduceSpec("hidden_norm", ratio=0.5, scope="global"), workers=2)
     assert a.src.n_chunks > 2
     assert a.dst.n_vectors == b.dst.n_vectors == round(a.src.n_vectors * 0.5)
     assert np.array_equal(np.load(tmp_path / "a" / "vectors.npy"), np.load(tmp_path / "b" / "vectors.npy"))

@@ -74,7 +74,7 @@ def test_inspect_json_and_table(minilm_index: Path) -> None:
 
 def test_compress_then_eval(minilm_index: Path, beir: Path, tmp_path: Path) -> None:
     dst = tmp_path / "dst"
-    res = runner.invoke(app, ["colbert", "compress", str(minilm_index), str(dst), "--method", "ward", "--factor",
+    res = runner.invoke(app, ["colbert", "compress", str(minilm_index), str(dst), "--method", "ward_pool", "--factor",
                               "2", "--protected", "1"])
     assert res.exit_code == 0, res.output
     assert "docs/s" in res.output and "vectors" in res.output and "bytes" in res.output
@@ -122,12 +122,12 @@ def test_compress_idf_with_corpus(minilm_index: Path, beir: Path, tmp_path: Path
 
 @pytest.mark.parametrize("args, match", [
     (["--method", "magic"], "unknown method"),
-    (["--method", "ward", "--factor", "0.5"], "factor"),
-    (["--method", "norm", "--ratio", "0"], "at least one vector"),
-    (["--method", "norm", "--keep", "0"], "at least one vector"),
-    (["--method", "ward", "--scope", "global"], "per document only"),
+    (["--method", "ward_pool", "--factor", "0.5"], "factor"),
+    (["--method", "hidden_norm", "--ratio", "0"], "at least one vector"),
+    (["--method", "hidden_norm", "--keep", "0"], "at least one vector"),
+    (["--method", "ward_pool", "--scope", "global"], "per document only"),
     (["--method", "idf", "--ratio", "0.5"], "--corpus"),
-    (["--method", "ward", "--workers", "0"], "workers"),
+    (["--method", "ward_pool", "--workers", "0"], "workers"),
 ])
 def test_compress_bad_arguments(minilm_index: Path, tmp_path: Path, args: list[str], match: str) -> None:
     res = runner.invoke(app, ["colbert", "compress", str(minilm_index), str(tmp_path / "out"), *args])

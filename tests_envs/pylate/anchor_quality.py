@@ -69,7 +69,7 @@ def main() -> None:
                 info = colbert.open_index(folder / "cranfield").info()
             else:
                 info = colbert.compress(FIX / "plaid" / "cranfield", folder / "cranfield",
-                                        colbert.ReduceSpec("ward", factor=factor)).dst
+                                        colbert.ReduceSpec("ward_pool", factor=factor)).dst
             index = indexes.PLAID(index_folder=str(folder), index_name="cranfield", use_fast=False, override=False,
                                   nbits=2)
             res = retrieve.ColBERT(index=index).retrieve(queries_embeddings=qe, k=10)

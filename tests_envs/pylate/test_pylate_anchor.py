@@ -49,7 +49,7 @@ def _self_hits(model: Any, index: Any, docs: list[dict[str, str]]) -> tuple[floa
 
 def _compress(src: Path, dst: Path) -> colbert.CompressResult:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return colbert.compress(src, dst, colbert.ReduceSpec("ward", factor=2))
+    return colbert.compress(src, dst, colbert.ReduceSpec("ward_pool", factor=2))
 
 
 def test_environment_is_the_anchor() -> None:

@@ -42,7 +42,7 @@ def test_pylate13_voyager_searches_compressed_index(tmp_path: Path) -> None:
 
     shutil.copytree(SRC, tmp_path / "orig" / "cranfield")
     (tmp_path / "small").mkdir()
-    res = colbert.compress(SRC, tmp_path / "small" / "cranfield", colbert.ReduceSpec("ward", factor=2))
+    res = colbert.compress(SRC, tmp_path / "small" / "cranfield", colbert.ReduceSpec("ward_pool", factor=2))
     assert res.dst.n_vectors < 0.55 * res.src.n_vectors
     ids, queries = _queries(tmp_path / "orig" / "cranfield")
     for folder in ("orig", "small"):

@@ -28,7 +28,7 @@ torch.set_num_threads(2)
 
 def _compress(src: Path, dst: Path) -> colbert.CompressResult:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return colbert.compress(src, dst, colbert.ReduceSpec("ward", factor=2))
+    return colbert.compress(src, dst, colbert.ReduceSpec("ward_pool", factor=2))
 
 
 @pytest.fixture(scope="module")

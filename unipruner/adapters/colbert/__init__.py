@@ -10,13 +10,16 @@ colbert-ai PLAID, fast-plaid and PyLate Voyager (``formats.plaid`` / ``fast_plai
 >>> from unipruner.adapters import colbert
 >>> d = Path(tempfile.mkdtemp())
 >>> src = colbert.write_raw(d / "src", [torch.randn(8, 16), torch.randn(3, 16)])
->>> res = colbert.compress(src, d / "dst", colbert.ReduceSpec("ward", factor=2))
+>>> res = colbert.compress(src, d / "dst", colbert.ReduceSpec("ward_cosine_pool", factor=2))
 >>> res.src.n_vectors, res.dst.n_vectors
 (11, 5)
 
+Methods are registry methods (``unipruner methods --domain colbert``, :func:`accepted_methods`): give
+:class:`ReduceSpec` a name and a budget, or a :class:`unipruner.Method` instance.
+
 Public API (imported lazily): :func:`compress`, :class:`ReduceSpec`, :func:`reduce_chunk`, :func:`open_index`,
 :func:`write_raw`, :func:`evaluate_index`, :func:`load_beir`, :func:`encode_tokens`, :func:`maxsim_search`,
-:func:`metrics`, :class:`TokenTable`, :data:`METHODS`, :data:`FORMATS`.
+:func:`metrics`, :class:`TokenTable`, :func:`accepted_methods`, :data:`FORMATS`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from typing import Any
 
 __all__ = [
     "FORMATS",
-    "METHODS",
     "BeirData",
     "Chunk",
     "CompressResult",
@@ -37,6 +39,7 @@ __all__ = [
     "RawIndex",
     "ReduceSpec",
     "TokenTable",
+    "accepted_methods",
     "compress",
     "detect_format",
     "encode_tokens",
@@ -55,7 +58,7 @@ _WHERE = {
     "FORMATS": "formats", "Chunk": "formats", "IndexFormat": "formats", "IndexFormatError": "formats",
     "IndexInfo": "formats", "detect_format": "formats",
     "RawIndex": "formats.raw", "write_raw": "formats.raw",
-    "METHODS": "_methods", "ReduceSpec": "_methods", "TokenTable": "_methods", "reduce_chunk": "_methods",
+    "accepted_methods": "_methods", "ReduceSpec": "_methods", "TokenTable": "_methods", "reduce_chunk": "_methods",
     "target_counts": "_methods",
     "CompressResult": "_compress", "compress": "_compress", "open_index": "_compress",
     "BeirData": "_eval", "EvalResult": "_eval", "encode_tokens": "_eval", "evaluate_index": "_eval",

@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..._threads import limit_threads
 from ...errors import UniprunerError
-from ._methods import ReduceSpec, TokenTable, chunk_scores, global_counts, global_total, reduce_chunk
+from ...methods import Method
+from ._methods import ReduceSpec, TokenTable, as_spec, chunk_scores, global_counts, global_total, reduce_chunk
 from .formats import Chunk, IndexFormat, IndexInfo, detect_format
 
 __all__ = ["CompressResult", "compress", "open_index"]
@@ -92,7 +94,6 @@ _TOKENS: TokenTable | None = None
 
 def _init_worker(tokens: TokenTable | None) -> None:
     global _TOKENS
-    torch.set_num_threads(1)
     _TOKENS = tokens
 
 
@@ -106,11 +107,13 @@ def _unpack(p: tuple[int, int, np.ndarray, np.ndarray]) -> Chunk:
 
 def _reduce_task(packed: tuple[int, int, np.ndarray, np.ndarray], spec: ReduceSpec,
                  counts: np.ndarray | None) -> tuple[int, int, np.ndarray, np.ndarray]:
-    return _pack(reduce_chunk(_unpack(packed), spec, counts=counts, tokens=_TOKENS))
+    with limit_threads(1):  # one thread per worker process: the workers are the parallelism
+        return _pack(reduce_chunk(_unpack(packed), spec, counts=counts, tokens=_TOKENS))
 
 
 def _score_task(packed: tuple[int, int, np.ndarray, np.ndarray], spec: ReduceSpec) -> np.ndarray:
-    return chunk_scores(_unpack(packed), spec, _TOKENS)
+    with limit_threads(1):
+        return chunk_scores(_unpack(packed), spec, _TOKENS)
 
 
 def _ordered_map(fn: Callable[..., Any], items: Iterator[tuple[Any, ...]], pool: ProcessPoolExecutor | None,
@@ -147,7 +150,7 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
         raise UniprunerError(f"the parent directory of DST ({dst.parent}) does not exist; create it first")
 
 
-def compress(src: Path | str, dst: Path | str, spec: ReduceSpec, *, workers: int = 1, force: bool = False,
+def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, workers: int = 1, force: bool = False,
              texts: Sequence[str] | None = None, tokenizer: Any = None, max_length: int | None = None,
              progress: Progress | None = None) -> CompressResult:
     """Write a reduced copy of the index ``src`` to ``dst`` in the same format and codec.
@@ -162,8 +165,8 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec, *, workers: int
         An index directory of a registered format; only read.
     dst : Path or str
         The directory to create; its parent must exist.
-    spec : ReduceSpec
-        Method, budget, protected vectors, scope.
+    spec : ReduceSpec or Method
+        Method, budget, protected vectors, scope (a registry Method instance: per-document scope).
     workers : int
         Processes reducing chunks in parallel (1: in this process).
     force : bool
@@ -184,8 +187,7 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec, *, workers: int
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if not isinstance(spec, ReduceSpec):
-        raise UniprunerError(f"spec must be a ReduceSpec, got {type(spec).__name__}")
+    spec = as_spec(spec)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UniprunerError(f"workers must be an int >= 1, got {workers!r}")
     index = open_index(src)  # full validation before anything is written
@@ -194,7 +196,7 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec, *, workers: int
     tokens: TokenTable | None = None
     if spec.needs_tokens:
         if texts is None or tokenizer is None:
-            raise UniprunerError(f"method {spec.method!r} needs the collection text and the encoder's tokenizer "
+            raise UniprunerError(f"method {spec.name!r} needs the collection text and the encoder's tokenizer "
                                  "(--corpus and --model in the CLI)")
         tokens = TokenTable.from_texts(texts, tokenizer, info.doclens, max_length=max_length)
 

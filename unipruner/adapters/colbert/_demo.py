@@ -75,7 +75,7 @@ def demo_section(console: Any, ratio: float) -> None:
             table.add_column(col, justify="left" if col == "index" else "right")
         table.add_row("full", f"{info.n_vectors:,}", f"{info.n_bytes / 1e6:.2f} MB", f"{base.ndcg10:.4f}", "100%",
                       f"{base.recall100:.3f}", "")
-        runs = (("ward_cosine pool factor 2", ReduceSpec("ward_cosine", factor=2, protected=1)),
+        runs = (("ward_cosine pool factor 2", ReduceSpec("ward_cosine_pool", factor=2, protected=1)),
                 (f"idf pruning, keep {ratio:.0%}", ReduceSpec("idf", ratio=ratio, protected=1)))
         for i, (label, spec) in enumerate(runs):
             t1 = time.perf_counter()
@@ -88,4 +88,4 @@ def demo_section(console: Any, ratio: float) -> None:
                           f"{ev.recall100:.3f}", f"{dt:.1f}")
         console.print(table)
     console.print("[dim]float16 raw index; exact MaxSim search; the same from the shell: unipruner colbert compress "
-                  "SRC DST --method ward_cosine --factor 2 --protected 1, then unipruner colbert eval.[/]")
+                  "SRC DST --method ward_cosine_pool --factor 2 --protected 1, then unipruner colbert eval.[/]")

@@ -1,41 +1,34 @@
-"""Per-document reduction of multi-vector (ColBERT) documents: pooling and pruning.
+"""Per-document reduction of multi-vector (ColBERT) documents through the method registry.
 
 Every method maps a chunk of contiguous documents (flat float32 vectors + ``doclens``) to a reduced chunk with the
 same documents, each keeping at least one vector. Documents are processed in batches of similar length (padded
-``[B, N, D]`` tensors with a validity mask), so all work is vectorised torch (or one faiss call per document for
-k-means).
+``[B, N, D]`` tensors with a validity mask) and handed to a registry method (:mod:`unipruner.methods`) like any
+other batch: pooling methods through ``reduce`` (cluster means), pruning methods through ``select`` (the kept
+vectors, in document order). The adapter accepts exactly the methods whose domains include ``"colbert"``
+(``unipruner methods --domain colbert``, :func:`accepted_methods`):
 
-Pooling (vectors replaced by cluster means; Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector
-Retrieval with Minimal Performance Impact via Token Pooling", 2024):
+* pooling (Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector Retrieval with Minimal Performance
+  Impact via Token Pooling", 2024): ``ward_cosine_pool`` (PyLate's criterion, the CLI default), ``ward_pool``
+  (exact Euclidean Ward on unit vectors), ``kmeans_pool`` (``backend="torch"`` or ``"faiss"``),
+  ``sequential_pool``;
+* pruning (Lassance et al., "A Study on Token Pruning for ColBERT", 2021; Acquavia et al., "Static Pruning for
+  Multi-Representation Dense Retrieval", DocEng 2023): ``first``, ``hidden_norm``, ``duplicates``, ``divprune``,
+  ``centroid``, ``idf`` and ``stopwords`` (these two need the token ids of every vector: collection text + the
+  encoder's tokenizer, see :class:`TokenTable`), and the other registry methods of the domain (``kcenter``,
+  ``gprune``, ``random``).
 
-* ``ward``: hierarchical Ward clustering on L2-normalised vectors (core :func:`unipruner.reduce.ward_labels`: exact
-  Ward in Euclidean geometry);
-* ``ward_cosine``: PyLate's criterion (``pool_factor``): scipy Ward fed the cosine distances ``1 - cos`` as if they
-  were Euclidean, i.e. Lance–Williams on ``(1 - cos)^2``; batched here with the core's Ward merge loop. Not a valid
-  Euclidean geometry, but it favours tight clusters and retains more nDCG on Cranfield (see docs/colbert.md);
-* ``kmeans``: k-means on L2-normalised vectors with faiss (one :class:`faiss.Kmeans` per document);
-* ``sequential``: 1-D pooling of consecutive vectors (equal runs along the sequence).
-
-Pruning (a subset of the vectors survives; Lassance et al., "A Study on Token Pruning for ColBERT", 2021; Acquavia
-et al., "Static Pruning for Multi-Representation Dense Retrieval", DocEng 2023):
-
-* ``first``: keep the first k vectors;  ``norm``: largest vector norm (core ``hidden_norm``);
-* ``duplicates``: drop near-duplicates (a vector's score is ``1 - max cos`` to the vectors before it);
-* ``diversity``: max-min diverse subset (core ``divprune``);  ``centroid``: most similar to the document centroid;
-* ``idf`` and ``stopwords``: need the token ids of every vector (collection text + the encoder's tokenizer, see
-  :class:`TokenTable`); core ``idf`` / ``stopword_mask``.
-
-Budgets: ``factor`` (about ``n / factor`` vectors remain; PyLate's ``max(n // factor, 1)`` clusters), ``ratio``
-(fraction kept) or ``keep`` (vectors per document); ``protected`` leading vectors (e.g. ``[CLS]``/``[D]``) always
-survive. ``scope="global"`` (pruning methods) spends one removal budget over the whole index by score instead of
-per document: see :func:`global_counts`.
+Budgets (:class:`unipruner.Budget`): ``factor`` is :meth:`Budget.pool_factor` (``p + max((n - p) // factor, 1)``
+vectors remain, PyLate's count), ``ratio`` the fraction kept, ``keep`` vectors per document; ``protected`` leading
+vectors (e.g. ``[CLS]``/``[D]``) always survive and every document keeps at least one vector. ``scope="global"``
+(methods with ``global_scope``: scores comparable across documents) spends one budget over the whole index by
+score instead of per document: see :func:`global_counts`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,31 +36,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..._pooling import _ward_chunk
 from ...errors import UniprunerError
-from ...reduce import ward_labels
-from ...scorers import diversity, importance
-from ...select import topk
+from ...methods import REGISTRY, MergingMethod, Method, ScoringMethod, methods
+from ...scorers import importance
+from ...select import Budget
 from .formats.base import Chunk
 
 __all__ = [
-    "GLOBAL_METHODS",
-    "METHODS",
-    "POOLING_METHODS",
+    "RENAMED",
     "ReduceSpec",
     "TokenTable",
+    "accepted_methods",
     "chunk_scores",
     "global_counts",
+    "global_total",
     "reduce_chunk",
     "target_counts",
 ]
 
-POOLING_METHODS = ("ward", "ward_cosine", "kmeans", "sequential")
-PRUNING_METHODS = ("first", "norm", "duplicates", "diversity", "centroid", "idf", "stopwords")
-METHODS = POOLING_METHODS + PRUNING_METHODS
-#: methods with a score comparable across documents (usable with ``scope="global"``)
-GLOBAL_METHODS = ("norm", "duplicates", "centroid", "idf", "stopwords")
-TOKEN_METHODS = ("idf", "stopwords")
+#: ColBERT names of earlier releases -> the registry name of the same algorithm
+RENAMED = {"ward": "ward_pool", "ward_cosine": "ward_cosine_pool", "kmeans": "kmeans_pool",
+           "sequential": "sequential_pool", "norm": "hidden_norm", "diversity": "divprune"}
+#: the signals this adapter can give a method: token ids of every vector and the collection's statistics
+TOKEN_SIGNALS = frozenset({"token_ids", "doc_freq", "n_docs", "stop_ids"})
 
 #: bytes of one batch's ``[B, N, N]`` float32 workspace (distance / Gram matrices)
 BATCH_BYTES = 128 * 2**20
@@ -80,6 +71,33 @@ _STOPWORDS = frozenset(
     "their theirs them themselves then there these they this those through to too under until up very was we "
     "were what when where which while who whom why will with would you your yours yourself yourselves".split()
 )
+
+
+def accepted_methods() -> tuple[str, ...]:
+    """Registry names this adapter accepts: exactly ``unipruner.methods(domain="colbert")``."""
+    return tuple(m.name for m in methods(domain="colbert"))
+
+
+def _global_methods() -> tuple[str, ...]:
+    return tuple(m.name for m in methods(domain="colbert") if m.cls.global_scope)
+
+
+def _method_class(name: str) -> type[Method]:
+    """The registry class of a ColBERT method name, or a clear error (renamed, unknown, other domain)."""
+    if name in RENAMED and name not in REGISTRY:
+        raise UniprunerError(f"ColBERT method {name!r} is now {RENAMED[name]!r} (one name per algorithm across "
+                             "unipruner; `unipruner methods --domain colbert` lists them)")
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise UniprunerError(f"unknown method {name!r}; ColBERT accepts {', '.join(accepted_methods())}")
+    _check_domain(cls)
+    return cls
+
+
+def _check_domain(cls: type[Method]) -> None:
+    if "colbert" not in cls.domains:
+        raise UniprunerError(f"method {cls.name!r} does not apply to multi-vector indexes (its domains: "
+                             f"{', '.join(cls.domains)}); ColBERT accepts {', '.join(accepted_methods())}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,11 @@ class TokenTable:
                 if tok.lstrip("Ġ▁#").lower() in _STOPWORDS or (tok and all(c in punct for c in tok.lstrip("Ġ▁")))]
         return cls(ids, offsets, df.numpy(), int(n_docs), np.asarray(sorted(stop), dtype=np.int64))
 
+    def signals(self) -> dict[str, Any]:
+        """The collection-level signals of the registry methods: ``doc_freq``, ``n_docs``, ``stop_ids``."""
+        return {"doc_freq": torch.from_numpy(self.doc_freq), "n_docs": self.n_docs,
+                "stop_ids": torch.from_numpy(self.stop_ids)}
+
     def chunk_ids(self, chunk: Chunk) -> Tensor:
         """Token ids ``[n_vectors of chunk]`` of a chunk (checked against its doclens)."""
         d0 = chunk.doc_offset
@@ -167,17 +190,21 @@ class TokenTable:
 
 @dataclass(frozen=True)
 class ReduceSpec:
-    """What to do to every document: method, budget, protected vectors, scope.
+    """What to do to every document: a registry method with its budget and protected vectors, and a scope.
 
-    Exactly one of ``factor``, ``ratio`` or ``keep`` is set (Clavié et al. 2024 pool factor; Lassance et al. 2021
-    pruning ratio / first-k).
+    Give a registry name with exactly one budget keyword (Clavié et al. 2024 pool factor; Lassance et al. 2021
+    pruning ratio / first-k), or a :class:`unipruner.Method` instance that carries its own budget and
+    ``protected``::
+
+        ReduceSpec("ward_cosine_pool", factor=2, protected=1)
+        ReduceSpec(unipruner.method("kmeans_pool", budget=Budget.pool_factor(2), protected=1, backend="faiss"))
 
     Attributes
     ----------
-    method : str
-        One of :data:`METHODS`.
+    method : str or Method
+        A name of :func:`accepted_methods` (``unipruner methods --domain colbert``) or a Method instance.
     factor : float, optional
-        Pool factor >= 1: ``p + max((n - p) // factor, 1)`` vectors remain.
+        Pool factor >= 1 (:meth:`Budget.pool_factor`): ``p + max((n - p) // factor, 1)`` vectors remain.
     ratio : float, optional
         Fraction of each document's vectors kept, in ``(0, 1]`` (at least one, half up).
     keep : int, optional
@@ -185,69 +212,113 @@ class ReduceSpec:
     protected : int
         Leading vectors of each document kept unchanged.
     scope : {"document", "global"}
-        ``global``: one budget over the whole index, spent by score (pruning methods in :data:`GLOBAL_METHODS`).
+        ``global``: one budget over the whole index, spent by score (methods with ``global_scope``).
     seed : int
-        Seed of k-means.
+        Seed of the methods that draw random numbers (``kmeans_pool``, ``random``).
+    reducer : Method
+        The method instance used (built from the fields above, or the instance given).
     """
 
-    method: str
+    method: str | Method
     factor: float | None = None
     ratio: float | None = None
     keep: int | None = None
     protected: int = 0
     scope: str = "document"
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    reducer: Method = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UniprunerError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.protected, bool) or not isinstance(self.protected, int) or self.protected < 0:
+            raise UniprunerError(f"protected must be a non-negative int (leading vectors), got {self.protected!r}")
+        if isinstance(self.method, Method):
+            reducer = self._from_instance(self.method)
+        elif isinstance(self.method, str):
+            reducer = self._from_name(self.method)
+        else:
+            raise UniprunerError(f"method must be a registry name or a unipruner.Method, got "
+                                 f"{type(self.method).__name__}")
+        object.__setattr__(self, "reducer", reducer)
+        object.__setattr__(self, "protected", reducer.protected)
+        if self.scope not in ("document", "global"):
+            raise UniprunerError(f"scope must be 'document' or 'global', got {self.scope!r}")
+        if self.scope == "global" and not (reducer.global_scope and isinstance(reducer, ScoringMethod)):
+            raise UniprunerError(f"scope='global' spends the budget by score across documents and works with "
+                                 f"{', '.join(_global_methods())}; {reducer.name!r} is per document only")
+
+    def _from_name(self, name: str) -> Method:
+        cls = _method_class(name)
         given = [n for n in ("factor", "ratio", "keep") if getattr(self, n) is not None]
         if len(given) != 1:
             raise UniprunerError(f"give exactly one budget: factor=, ratio= or keep= (got {given or 'none'})")
         f, r, k = self.factor, self.ratio, self.keep
-        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f)
-                              or f < 1):
-            raise UniprunerError(f"factor must be a finite number >= 1 (2 halves the vectors), got {f!r}")
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < float(r) <= 1):
             raise UniprunerError(f"ratio is the fraction of vectors kept and must be in (0, 1], got {r!r}; "
                                  "every document keeps at least one vector, so 0 is not allowed")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise UniprunerError(f"keep must be an int >= 1 (every document keeps at least one vector), got {k!r}")
-        if isinstance(self.protected, bool) or not isinstance(self.protected, int) or self.protected < 0:
-            raise UniprunerError(f"protected must be a non-negative int (leading vectors), got {self.protected!r}")
-        if self.scope not in ("document", "global"):
-            raise UniprunerError(f"scope must be 'document' or 'global', got {self.scope!r}")
-        if self.scope == "global" and self.method not in GLOBAL_METHODS:
-            raise UniprunerError(f"scope='global' spends the budget by score across documents and works with "
-                                 f"{', '.join(GLOBAL_METHODS)}; {self.method!r} is per document only")
+        budget = Budget.pool_factor(f) if f is not None else Budget(ratio=r) if r is not None else Budget(keep=k)
+        params: dict[str, Any] = {"budget": budget, "protected": self.protected}
+        if "seed" in {fl.name for fl in dataclasses.fields(cls)}:
+            params["seed"] = self.seed
+        return cls(**params)
+
+    def _from_instance(self, m: Method) -> Method:
+        _check_domain(type(m))
+        extra = [n for n in ("factor", "ratio", "keep") if getattr(self, n) is not None]
+        if self.seed:
+            extra.append("seed")
+        if self.protected not in (0, m.protected):
+            extra.append("protected")
+        if extra:
+            raise UniprunerError(f"a Method instance carries its own budget, protected and seed; do not also give "
+                                 f"{', '.join(extra)} (set them on the method: unipruner.method({m.name!r}, ...))")
+        b = m.budget
+        if b.data_dependent or b.rows is not None:
+            raise UniprunerError(f"ColBERT needs a pool-factor, ratio or keep budget per document, got {b!r}")
+        return m
+
+    @property
+    def name(self) -> str:
+        """The registry name of the method."""
+        return self.reducer.name
+
+    @property
+    def budget(self) -> Budget:
+        """The method's budget."""
+        return self.reducer.budget
 
     @property
     def needs_tokens(self) -> bool:
-        """True for methods that need the token ids of every vector."""
-        return self.method in TOKEN_METHODS
+        """True for methods that need the token ids of every vector (``idf``, ``stopwords``)."""
+        return bool(TOKEN_SIGNALS & set(self.reducer.requires))
+
+
+def as_spec(spec: ReduceSpec | Method) -> ReduceSpec:
+    """A :class:`ReduceSpec` from a spec or a Method instance (per-document scope)."""
+    if isinstance(spec, ReduceSpec):
+        return spec
+    if isinstance(spec, Method):
+        return ReduceSpec(spec)
+    raise UniprunerError(f"spec must be a ReduceSpec or a unipruner.Method, got {type(spec).__name__}")
 
 
 def target_counts(doclens: np.ndarray | Tensor, spec: ReduceSpec) -> Tensor:
     """Vectors kept per document under a per-document budget, ``[n_docs]`` long, each in ``[1, n]``.
 
-    Pool factor as in PyLate / Clavié et al. 2024: ``p + max((n - p) // factor, 1)`` (``n`` when ``n <= p``).
+    The method's :class:`~unipruner.Budget` (``pool_factor``: ``p + max((n - p) // factor, 1)`` as in PyLate /
+    Clavié et al. 2024), raised to the protected vectors and to one vector per document.
 
-    >>> target_counts(np.array([1, 4, 9]), ReduceSpec("ward", factor=2))
+    >>> target_counts(np.array([1, 4, 9]), ReduceSpec("ward_pool", factor=2))
     tensor([1, 2, 4])
     >>> target_counts(np.array([1, 4, 9]), ReduceSpec("first", keep=3, protected=1))
     tensor([1, 3, 3])
     """
     n = torch.as_tensor(np.asarray(doclens), dtype=torch.long)
     p = torch.clamp(n, max=spec.protected)
-    rest = n - p
-    if spec.factor is not None:
-        t = p + torch.where(rest > 0, torch.div(rest.double(), float(spec.factor), rounding_mode="floor").long()
-                            .clamp(min=1), torch.zeros_like(rest))
-    elif spec.ratio is not None:
-        t = torch.floor(n.double() * float(spec.ratio) + 0.5).long()
-    else:
-        t = torch.full_like(n, int(spec.keep or 1))
+    b = spec.budget
+    n_max = max(int(n.max()) if n.numel() else 0, b.keep or 0)  # shorter documents than keep= keep everything
+    t = b.counts(n, n_max=n_max, protected=p)
     return torch.minimum(torch.maximum(t, torch.maximum(p, torch.ones_like(p))), n)
 
 
@@ -274,229 +345,75 @@ def _batches(doclens: np.ndarray, dim: int = 0) -> Iterator[np.ndarray]:
             yield idx[i:i + per]
 
 
-def _pad(vectors: Tensor, starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather documents into ``[B, Nmax, D]`` (zeros after each document's end) and their ``[B, Nmax]`` mask."""
+def _pad(values: Tensor, starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather documents of ``values [n, ...]`` into ``[B, Nmax, ...]`` (zeros after each end) and the ``[B, Nmax]``
+    mask."""
     nmax = int(lens.max())
     pos = torch.arange(nmax).unsqueeze(0)
     mask = pos < lens.unsqueeze(1)
     rows = (starts.unsqueeze(1) + pos).masked_fill(~mask, 0)
-    x = vectors.index_select(0, rows.reshape(-1)).view(len(lens), nmax, -1)
-    return x.masked_fill_(~mask.unsqueeze(2), 0.0), mask
+    x = values.index_select(0, rows.reshape(-1)).view(len(lens), nmax, *values.shape[1:])
+    return x.masked_fill_(~mask.view(*mask.shape, *([1] * (values.ndim - 1))), 0), mask
 
 
-# ----------------------------------------------------------------------------------------------
-# scores (higher = keep) of the pruning methods, on a padded batch
-# ----------------------------------------------------------------------------------------------
+class _Batches:
+    """The padded batches of a chunk with the signals the method needs (token ids, collection statistics)."""
+
+    def __init__(self, chunk: Chunk, spec: ReduceSpec, tokens: TokenTable | None) -> None:
+        self.lens_np = np.asarray(chunk.doclens, dtype=np.int64)
+        self.vectors = chunk.vectors.float()
+        self.lens = torch.from_numpy(self.lens_np)
+        self.starts = torch.cumsum(self.lens, 0) - self.lens
+        if spec.needs_tokens and tokens is None:
+            raise UniprunerError(f"method {spec.name!r} needs the token ids of every vector: give the collection "
+                                 "text and the tokenizer (corpus= and tokenizer=, or --corpus/--model in the CLI)")
+        self.ids = tokens.chunk_ids(chunk) if spec.needs_tokens and tokens is not None else None
+        self.shared = tokens.signals() if self.ids is not None and tokens is not None else {}
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]:
+        """``(documents of the batch, x [B, N, D], mask [B, N], signals)``."""
+        for idx in _batches(self.lens_np, self.vectors.shape[1]):
+            ti = torch.from_numpy(idx)
+            x, mask = _pad(self.vectors, self.starts[ti], self.lens[ti])
+            signals = dict(self.shared)
+            if self.ids is not None:
+                signals["token_ids"] = _pad(self.ids, self.starts[ti], self.lens[ti])[0]
+            yield ti, x, mask, signals
 
 
-def _unit(x: Tensor) -> Tensor:
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=1e-12)
-
-
-def _scores(method: str, x: Tensor, mask: Tensor, ids: Tensor | None, tokens: TokenTable | None) -> Tensor:
-    """Scores ``[B, N]`` for a padded batch (``-inf`` at padding)."""
-    b, n, _ = x.shape
-    if method == "first":
-        s = -torch.arange(n, dtype=torch.float32).expand(b, n).clone()
-    elif method == "norm":
-        s = importance.hidden_norm(x, mask=mask)
-    elif method == "duplicates":
-        xn = _unit(x)
-        sim = xn @ xn.transpose(1, 2)  # [B, N, N]
-        earlier = torch.ones(n, n, dtype=torch.bool).tril(-1)  # j < i
-        ok = earlier.unsqueeze(0) & mask.unsqueeze(1)
-        mx = sim.masked_fill(~ok, -math.inf).amax(dim=2)
-        s = 1.0 - torch.where(torch.isfinite(mx), mx, torch.full_like(mx, -1.0))  # the first vector scores 2
-    elif method == "centroid":
-        xn = _unit(x)
-        m = mask.unsqueeze(2).to(x.dtype)
-        centre = _unit((xn * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1))
-        s = (xn * centre).sum(dim=2)
-    elif method in TOKEN_METHODS:
-        if ids is None or tokens is None:
-            raise UniprunerError(f"method {method!r} needs the token ids of every vector: give the collection text "
-                                 "and the tokenizer (corpus= and tokenizer=, or --corpus/--model in the CLI)")
-        s = importance.idf(ids, torch.from_numpy(tokens.doc_freq), tokens.n_docs, mask=mask)
-        if method == "stopwords":
-            stop = importance.stopword_mask(ids, torch.from_numpy(tokens.stop_ids))
-            s = torch.where(stop, s - 1e4, s)  # stopwords and punctuation go first, then by IDF
-    else:  # pragma: no cover - ReduceSpec validates the name
-        raise UniprunerError(f"{method!r} is not a pruning method")
-    return s.float().masked_fill(~mask, -math.inf)
-
-
-# ----------------------------------------------------------------------------------------------
-# pooling on a padded batch -> labels [B, N] (-1 at padding), slots numbered from 0 per row
-# ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _one_thread(faiss: Any = None) -> Iterator[None]:
-    """Run a loop of many small tensor ops on one thread (intra-op threads only add synchronisation there, and
-    under CPU contention they slow the Ward merge loop down >10x); restores the previous settings."""
-    before = torch.get_num_threads()
-    fbefore = faiss.omp_get_max_threads() if faiss is not None else None
-    torch.set_num_threads(1)
-    if faiss is not None:
-        faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        if faiss is not None and fbefore is not None:
-            faiss.omp_set_num_threads(fbefore)
-
-
-def _sequential_labels(mask: Tensor, n_prot: Tensor, k_rest: Tensor) -> Tensor:
-    """1-D pooling: the ``n - p`` unprotected vectors split into ``k`` runs of (almost) equal length."""
-    n = mask.shape[1]
-    pos = torch.arange(n).unsqueeze(0)
-    nv = mask.sum(dim=1, keepdim=True)
-    rest = (nv - n_prot.unsqueeze(1)).clamp(min=1)
-    r = (pos - n_prot.unsqueeze(1)).clamp(min=0)
-    lab = torch.div(r * k_rest.unsqueeze(1), rest, rounding_mode="floor") + n_prot.unsqueeze(1)
-    lab = torch.where(pos < n_prot.unsqueeze(1), pos, lab)
-    return lab.masked_fill(~mask, -1)
-
-
-def _kmeans_labels(x: Tensor, mask: Tensor, n_prot: Tensor, k_rest: Tensor, seed: int) -> Tensor:
-    """k-means (faiss) on the unit vectors of each document's unprotected part; one faiss call per document."""
-    from ...models import require
-
-    faiss = require("faiss", "colbert")
-    b, n, _ = x.shape
-    lab = torch.full((b, n), -1, dtype=torch.long)
-    nv = mask.sum(dim=1)
-    xn = _unit(x).float().contiguous().numpy()
-    with _one_thread(faiss):
-        _kmeans_loop(faiss, xn, lab, nv, n_prot, k_rest, seed)
-    return lab
-
-
-def _kmeans_loop(faiss: Any, xn: np.ndarray, lab: Tensor, nv: Tensor, n_prot: Tensor, k_rest: Tensor,
-                 seed: int) -> None:
-    b, _, d = xn.shape
-    for i in range(b):  # one clustering per document (faiss works on one point set at a time)
-        p, m, k = int(n_prot[i]), int(nv[i]), int(k_rest[i])
-        lab[i, :p] = torch.arange(p)
-        if m - p <= 0:
-            continue
-        pts = np.ascontiguousarray(xn[i, p:m])
-        if k >= m - p:
-            lab[i, p:m] = torch.arange(m - p) + p
-            continue
-        km = faiss.Kmeans(d, k, niter=20, seed=seed + 1, min_points_per_centroid=1, max_points_per_centroid=1 << 30,
-                          verbose=False)
-        km.train(pts)
-        _, a = km.index.search(pts, 1)
-        lab[i, p:m] = torch.from_numpy(a[:, 0].astype(np.int64)) + p
-
-
-def _ward_cosine_labels(x: Tensor, mask: Tensor, protected: int, k_rest: Tensor) -> Tensor:
-    """Ward on ``(1 - cos)^2`` (PyLate / scipy fed cosine distances), batched; labels unique per cluster.
-
-    Uses the core's Lance–Williams merge loop (``unipruner._pooling._ward_chunk``) on a custom distance matrix.
-    """
-    b, n, _ = x.shape
-    p = min(protected, n)
-    xr, mr = x[:, p:], mask[:, p:]
-    nr = mr.sum(dim=1)
-    pos = torch.arange(n).expand(b, n)
-    lab = torch.where(mask, pos, torch.full_like(pos, -1))
-    if xr.shape[1] == 0:
-        return lab
-    u = _unit(xr.float())
-    dist = torch.bmm(u, u.transpose(1, 2)).neg_().add_(1.0).clamp_(min=0.0).square_()  # (1 - cos)^2, in place
-    if not bool(torch.equal(dist, dist.transpose(1, 2))):  # the merge loop compares a row with a column by value
-        dist = torch.minimum(dist, dist.transpose(1, 2))
-    dist.masked_fill_(~mr.unsqueeze(1), math.inf)
-    dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
-    steps = (nr - torch.minimum(k_rest.clamp(min=1), nr)).clamp(min=0)
-    order = torch.argsort(steps, descending=True, stable=True)  # the merge loop wants most merges first
-    parent = torch.empty(b, xr.shape[1], dtype=torch.long)
-    with _one_thread():
-        parent[order] = _ward_chunk(dist[order].contiguous(), mr[order], steps[order])
-    return torch.cat([lab[:, :p], torch.where(mr, parent + p, torch.full_like(parent, -1))], dim=1)
-
-
-def _compact(lab: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Renumber labels by first member (empty clusters removed); return labels and slot counts ``[B]``."""
-    b, n = lab.shape
-    big = n + 1
-    safe = torch.where(mask, lab, torch.full_like(lab, n))
-    pos = torch.arange(n).expand(b, n)
-    first = torch.full((b, n + 1), big, dtype=torch.long)
-    first.scatter_reduce_(1, safe, pos, reduce="amin", include_self=True)
-    first = first[:, :n]
-    used = first < big
-    order = torch.argsort(first, dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n).expand(b, n).contiguous())
-    out = rank.gather(1, safe.clamp(max=n - 1)).masked_fill(~mask, -1)
-    return out, used.sum(dim=1)
-
-
-def _pool_batch(spec: ReduceSpec, x: Tensor, mask: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Pooled vectors ``[B, K, D]`` (cluster means) and per-row output counts ``[B]``."""
-    nv = mask.sum(dim=1)
-    n_prot = torch.clamp(nv, max=spec.protected)
-    k_rest = (counts - n_prot).clamp(min=0)
-    if spec.method == "ward":
-        rest = mask & (torch.arange(x.shape[1]).unsqueeze(0) >= n_prot.unsqueeze(1))
-        with _one_thread():
-            rl = ward_labels(x, k_rest.clamp(min=1), mask=rest, chunk_size=x.shape[0])
-        pos = torch.arange(x.shape[1]).expand_as(rl)
-        lab = torch.where(rest, rl + spec.protected, torch.where(mask, pos, torch.full_like(pos, -1)))
-    elif spec.method == "ward_cosine":
-        lab = _ward_cosine_labels(x, mask, spec.protected, k_rest)
-    elif spec.method == "kmeans":
-        lab = _kmeans_labels(x, mask, n_prot, k_rest, spec.seed)
-    else:
-        lab = _sequential_labels(mask, n_prot, k_rest)
-    lab, n_out = _compact(lab, mask)
-    kmax = int(n_out.max())
-    b, _, d = x.shape
-    slot = (lab + torch.arange(b).unsqueeze(1) * kmax).masked_fill(~mask, b * kmax)
-    sums = x.new_zeros(b * kmax + 1, d).index_add_(0, slot.reshape(-1), x.reshape(-1, d))
-    cnt = torch.zeros(b * kmax + 1, dtype=x.dtype).index_add_(0, slot.reshape(-1), mask.reshape(-1).to(x.dtype))
-    out = (sums[:-1] / cnt[:-1].clamp(min=1).unsqueeze(1)).view(b, kmax, d)
-    return out, n_out
-
-
-def _prune_batch(spec: ReduceSpec, x: Tensor, mask: Tensor, counts: Tensor, ids: Tensor | None,
-                 tokens: TokenTable | None) -> tuple[Tensor, Tensor]:
-    """Kept vectors ``[B, K, D]`` in document order and per-row output counts ``[B]``."""
-    prot = spec.protected or None
-    if spec.method == "diversity":
-        keep = diversity.divprune(x, counts, mask=mask, protected=prot)
-    else:
-        keep = topk(_scores(spec.method, x, mask, ids, tokens), counts, mask=mask, protected=prot)
+def _reduce_batch(m: Method, x: Tensor, mask: Tensor, counts: Tensor, signals: dict[str, Any]
+                  ) -> tuple[Tensor, Tensor]:
+    """Output vectors ``[B, K, D]`` (pooled means, or kept vectors in document order) and their mask ``[B, K]``."""
+    mb = dataclasses.replace(m, budget=Budget.per_row(counts))
+    if isinstance(mb, MergingMethod):  # pooling: cluster means, protected vectors first
+        red = mb.reduce(x, mask=mask, **signals)
+        omask = red.mask if red.mask is not None else torch.ones(red.tokens.shape[:2], dtype=torch.bool)
+        return red.tokens, omask
+    keep = mb.select(x, mask=mask, **signals)
     ok = keep >= 0
     out = torch.gather(x, 1, keep.clamp(min=0).unsqueeze(2).expand(-1, -1, x.shape[2])) * ok.unsqueeze(2)
-    return out, ok.sum(dim=1)
+    return out, ok
 
 
 def chunk_scores(chunk: Chunk, spec: ReduceSpec, tokens: TokenTable | None = None) -> np.ndarray:
     """Scores of every vector of a chunk for a global budget, float64 ``[n_vectors]`` (Lassance et al. 2021).
 
-    Protected vectors, and the best vector of every document without protected ones, score ``+inf``: they are kept
-    whatever the budget, so no document ends up empty.
+    The method's own ``score`` on each batch. Protected vectors, and the best vector of every document without
+    protected ones, score ``+inf``: they are kept whatever the budget, so no document ends up empty.
     """
-    vectors = chunk.vectors.float()
-    lens = torch.as_tensor(np.asarray(chunk.doclens), dtype=torch.long)
-    starts = torch.cumsum(lens, 0) - lens
-    ids_all = tokens.chunk_ids(chunk) if spec.needs_tokens and tokens is not None else None
-    out = np.empty(int(lens.sum()), dtype=np.float64)
-    for idx in _batches(lens.numpy(), vectors.shape[1]):
-        ti = torch.from_numpy(idx)
-        x, mask = _pad(vectors, starts[ti], lens[ti])
-        ids = _pad_ids(ids_all, starts[ti], lens[ti]) if ids_all is not None else None
-        s = _scores(spec.method, x, mask, ids, tokens).double()
+    m = spec.reducer
+    if not isinstance(m, ScoringMethod):
+        raise UniprunerError(f"{m.name!r} has no per-vector score; a global budget needs one of "
+                             f"{', '.join(_global_methods())}")
+    batches = _Batches(chunk, spec, tokens)
+    out = np.empty(int(batches.lens.sum()), dtype=np.float64)
+    for ti, x, mask, signals in batches:
+        s = m.score(x, mask=mask, **signals).double().masked_fill(~mask, -math.inf)
         pos = torch.arange(x.shape[1]).unsqueeze(0)
         s = s.masked_fill(mask & (pos < spec.protected), math.inf)
-        best = s.masked_fill(~mask, -math.inf).argmax(dim=1, keepdim=True)
+        best = s.argmax(dim=1, keepdim=True)
         s.scatter_(1, best, math.inf)
-        rows = (starts[ti].unsqueeze(1) + pos)[mask]
+        rows = (batches.starts[ti].unsqueeze(1) + pos)[mask]
         out[rows.numpy()] = s[mask].numpy()
     return out
 
@@ -521,36 +438,30 @@ def global_counts(scores: np.ndarray, doclens: np.ndarray, total: int) -> np.nda
 
 
 def global_total(n_vectors: int, n_docs: int, spec: ReduceSpec) -> int:
-    """Vectors kept over the whole index by a global budget (``N / factor``, ``ratio * N`` or ``keep * n_docs``)."""
-    if spec.factor is not None:
-        return int(n_vectors // spec.factor)
-    if spec.ratio is not None:
-        return math.floor(n_vectors * spec.ratio + 0.5)
-    return int(min(n_vectors, (spec.keep or 1) * n_docs))
+    """Vectors kept over the whole index by a global budget: the budget applied to all ``n_vectors`` at once
+    (``N // factor``, ``ratio * N`` half up), or ``keep`` per document on average (``keep * n_docs``)."""
+    b = spec.budget
+    if b.keep is not None:
+        return int(min(n_vectors, b.keep * n_docs))
+    if b.factor is not None:
+        return int(n_vectors // b.factor)
+    return int(b.counts(torch.tensor([n_vectors]), n_max=n_vectors)[0])
 
 
-def _pad_ids(ids: Tensor, starts: Tensor, lens: Tensor) -> Tensor:
-    nmax = int(lens.max())
-    pos = torch.arange(nmax).unsqueeze(0)
-    mask = pos < lens.unsqueeze(1)
-    rows = (starts.unsqueeze(1) + pos).masked_fill(~mask, 0)
-    return ids[rows.reshape(-1)].view(len(lens), nmax).masked_fill(~mask, 0)
-
-
-def reduce_chunk(chunk: Chunk, spec: ReduceSpec, *, counts: np.ndarray | None = None,
+def reduce_chunk(chunk: Chunk, spec: ReduceSpec | Method, *, counts: np.ndarray | None = None,
                  tokens: TokenTable | None = None) -> Chunk:
     """Reduce every document of a chunk; the per-chunk task of the compress pipeline (pure, picklable inputs).
 
-    Token pooling (Clavié et al., 2024) or pruning (Lassance et al., 2021) of each document, in batches of
-    documents of similar length. Vectors keep their dtype-independent float32 form; outputs are cluster means
-    (pooling) or the kept vectors in document order (pruning).
+    Token pooling (Clavié et al., 2024) or pruning (Lassance et al., 2021) of each document by the spec's registry
+    method, in batches of documents of similar length, each document with its own count (``Budget.per_row``).
+    Outputs are cluster means (pooling) or the kept vectors in document order (pruning), float32.
 
     Parameters
     ----------
     chunk : Chunk
         Decoded documents.
-    spec : ReduceSpec
-        Method and budget.
+    spec : ReduceSpec or Method
+        Method and budget (a Method instance: per-document scope).
     counts : numpy.ndarray, optional
         Vectors kept per document (int64 ``[docs in chunk]``), e.g. from :func:`global_counts`; default: the
         per-document budget :func:`target_counts`.
@@ -569,14 +480,15 @@ def reduce_chunk(chunk: Chunk, spec: ReduceSpec, *, counts: np.ndarray | None = 
     >>> out.doclens.tolist(), out.vectors.shape
     ([2, 1], torch.Size([3, 3]))
     """
+    spec = as_spec(spec)
     lens_np = np.asarray(chunk.doclens, dtype=np.int64)
-    vectors = chunk.vectors.float()
     if lens_np.size and int(lens_np.min()) < 1:
         raise UniprunerError(f"chunk {chunk.index}: a document has no vectors")
-    if int(lens_np.sum()) != vectors.shape[0]:
+    if int(lens_np.sum()) != chunk.vectors.shape[0]:
         raise UniprunerError(f"chunk {chunk.index}: doclens sum to {int(lens_np.sum())} but there are "
-                             f"{vectors.shape[0]} vectors")
-    lens = torch.from_numpy(lens_np)
+                             f"{chunk.vectors.shape[0]} vectors")
+    batches = _Batches(chunk, spec, tokens)
+    lens = batches.lens
     if counts is None:
         target = target_counts(lens_np, spec)
     else:
@@ -584,28 +496,16 @@ def reduce_chunk(chunk: Chunk, spec: ReduceSpec, *, counts: np.ndarray | None = 
         if target.shape != lens.shape:
             raise UniprunerError(f"counts has shape {tuple(target.shape)}, expected ({lens.numel()},)")
         target = torch.minimum(target.clamp(min=1), lens)
-    if spec.needs_tokens and tokens is None:
-        raise UniprunerError(f"method {spec.method!r} needs the token ids of every vector: give the collection text "
-                             "and the tokenizer (corpus= and tokenizer=, or --corpus/--model in the CLI)")
-    ids_all = tokens.chunk_ids(chunk) if spec.needs_tokens and tokens is not None else None
-    starts = torch.cumsum(lens, 0) - lens
     out_lens = torch.zeros_like(lens)
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []
-    for idx in _batches(lens_np, vectors.shape[1]):
-        ti = torch.from_numpy(idx)
-        x, mask = _pad(vectors, starts[ti], lens[ti])
-        if spec.method in POOLING_METHODS:
-            out, n_out = _pool_batch(spec, x, mask, target[ti])
-        else:
-            ids = _pad_ids(ids_all, starts[ti], lens[ti]) if ids_all is not None else None
-            out, n_out = _prune_batch(spec, x, mask, target[ti], ids, tokens)
-        out_lens[ti] = n_out
-        omask = torch.arange(out.shape[1]).unsqueeze(0) < n_out.unsqueeze(1)
+    for ti, x, mask, signals in batches:
+        out, omask = _reduce_batch(spec.reducer, x, mask, target[ti], signals)
+        out_lens[ti] = omask.sum(dim=1)
         pieces.append((ti, omask, out[omask]))
     out_starts = torch.cumsum(out_lens, 0) - out_lens
-    result = vectors.new_empty(int(out_lens.sum()), vectors.shape[1])
+    result = batches.vectors.new_empty(int(out_lens.sum()), batches.vectors.shape[1])
     for ti, omask, rows in pieces:
-        pos = torch.arange(omask.shape[1]).unsqueeze(0)
-        dst = (out_starts[ti].unsqueeze(1) + pos)[omask]
+        rank = omask.long().cumsum(dim=1) - 1  # packed position of every real output slot
+        dst = (out_starts[ti].unsqueeze(1) + rank)[omask]
         result[dst] = rows
     return Chunk(chunk.index, chunk.doc_offset, out_lens.numpy().astype(np.int64), result)

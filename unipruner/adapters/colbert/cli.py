@@ -106,9 +106,11 @@ def inspect_cmd(
 def compress_cmd(
     src: Annotated[Path, typer.Argument(help="Source index directory (never modified).")],
     dst: Annotated[Path, typer.Argument(help="Destination directory (written atomically).")],
-    method: Annotated[str, typer.Option(help="ward_cosine (PyLate's pooling criterion; the best retention on "
-                                             "Cranfield), ward, kmeans, sequential, first, norm, duplicates, "
-                                             "diversity, centroid, idf, stopwords.")] = "ward_cosine",
+    method: Annotated[str, typer.Option(help="A registry method for ColBERT (`unipruner methods --domain colbert`): "
+                                             "ward_cosine_pool (PyLate's pooling criterion; the best retention on "
+                                             "Cranfield), ward_pool, kmeans_pool, sequential_pool, first, "
+                                             "hidden_norm, duplicates, divprune, centroid, idf, stopwords, ...")
+                      ] = "ward_cosine_pool",
     factor: Annotated[float | None, typer.Option(help="Pool factor: about n/F vectors remain.")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of vectors kept, in (0, 1].")] = None,
     keep: Annotated[int | None, typer.Option(help="Vectors kept per document.")] = None,
@@ -120,7 +122,9 @@ def compress_cmd(
     corpus: Annotated[Path | None, typer.Option(help="corpus.jsonl (BEIR) for idf / stopwords.")] = None,
     model: Annotated[str, typer.Option(help="Encoder whose tokenizer built the index (idf / stopwords).")
                      ] = "minilm",
-    seed: Annotated[int, typer.Option(help="k-means seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of kmeans_pool / random.")] = 0,
+    backend: Annotated[str | None, typer.Option(help="k-means solver of kmeans_pool: torch (default) or faiss.")
+                       ] = None,
 ) -> None:
     """Reduce every document of SRC and write an index of the same format to DST."""
     console = Console()
@@ -134,6 +138,13 @@ def compress_cmd(
             factor = 2.0
         spec = ReduceSpec(method, factor=factor, ratio=ratio, keep=keep, protected=protected, scope=scope,
                           seed=seed)
+        if backend is not None:
+            import dataclasses
+
+            if "backend" not in {f.name for f in dataclasses.fields(spec.reducer)}:
+                raise UniprunerError(f"--backend is a setting of kmeans_pool; {spec.name!r} has none")
+            params: dict[str, Any] = {"backend": backend}
+            spec = ReduceSpec(dataclasses.replace(spec.reducer, **params), scope=scope)
         texts = tokenizer = max_length = None
         if spec.needs_tokens:
             if corpus is None:
@@ -163,7 +174,7 @@ def compress_cmd(
                            max_length=max_length, progress=tick)
     except (UniprunerError, MissingDependencyError) as err:
         raise _fail(console, err) from err
-    t = Table(title=f"{res.src.format}: {src} -> {dst} ({spec.method}, {res.seconds:.1f} s, "
+    t = Table(title=f"{res.src.format}: {src} -> {dst} ({spec.name}, {res.seconds:.1f} s, "
                     f"{res.docs_per_s:,.0f} docs/s)")
     for col in ("", "before", "after", "kept"):
         t.add_column(col, justify="right")
