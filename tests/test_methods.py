@@ -10,7 +10,7 @@ import torch
 
 import unipruner
 from unipruner import Budget, UniprunerError
-from unipruner.methods import REGISTRY, MergingMethod, ScoringMethod
+from unipruner.methods import REGISTRY, MergingMethod, ScoringMethod, TextMethod
 
 B, N, D, H = 3, 24, 16, 2
 
@@ -40,6 +40,8 @@ def build(name: str, **kw: object) -> unipruner.Method:
 
 
 ALL = sorted(REGISTRY)
+#: methods that run on tensors (TextMethods score text units through unipruner.rag, see test_text_methods)
+TENSOR = [n for n in ALL if not issubclass(REGISTRY[n], TextMethod)]
 
 
 def test_registry_is_complete() -> None:
@@ -61,7 +63,18 @@ def test_method_is_frozen_and_stateless(name: str) -> None:
     assert m.budget == Budget(ratio=0.5)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [n for n in ALL if issubclass(REGISTRY[n], TextMethod)])
+def test_text_methods_refuse_tensors_and_run_through_rag(name: str) -> None:
+    from unipruner.adapters.rag import make_scorer
+
+    m = build(name)
+    assert "rag" in m.domains and m.domains == ("rag",)
+    with pytest.raises(UniprunerError, match="scores text units"):
+        m.select(torch.randn(B, N, D))
+    assert make_scorer(m).name == name
+
+
+@pytest.mark.parametrize("name", TENSOR)
 def test_select_and_reduce(name: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, N, D, generator=g)
@@ -87,7 +100,7 @@ def test_select_and_reduce(name: str) -> None:
     assert single[0].tolist() == idx[0].tolist()
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if issubclass(REGISTRY[n], ScoringMethod)])
+@pytest.mark.parametrize("name", [n for n in TENSOR if issubclass(REGISTRY[n], ScoringMethod)])
 def test_scoring_methods_respect_masks(name: str) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, N, D, generator=g)

@@ -48,6 +48,7 @@ __all__ = [
     "MethodInfo",
     "Reduced",
     "ScoringMethod",
+    "TextMethod",
     "method",
     "methods",
 ]
