@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from _tiny_lm import FAMILIES, VOCAB, tiny_lm
 from transformers.cache_utils import DynamicCache
 
 import unipruner
@@ -17,48 +18,10 @@ from unipruner.scorers.importance import window_attention
 
 torch.set_num_threads(2)
 
-VOCAB = 128
-
-
-def _tiny(family: str, attn: str = "sdpa") -> transformers.PreTrainedModel:
-    common = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=VOCAB, max_position_embeddings=512)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(num_hidden_layers=2, **common)
-        cls = transformers.LlamaForCausalLM
-    elif family == "mistral":
-        cfg = transformers.MistralConfig(num_hidden_layers=2, sliding_window=None, **common)
-        cls = transformers.MistralForCausalLM
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(num_hidden_layers=2, **common)
-        cls = transformers.Qwen2ForCausalLM
-    elif family == "qwen3":
-        cfg = transformers.Qwen3Config(num_hidden_layers=2, head_dim=16, **common)
-        cls = transformers.Qwen3ForCausalLM
-    elif family == "phi3":
-        cfg = transformers.Phi3Config(num_hidden_layers=2, pad_token_id=0, **common)
-        cls = transformers.Phi3ForCausalLM
-    elif family == "gemma3":
-        cfg = transformers.Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=8,
-                                            layer_types=["sliding_attention", "sliding_attention",
-                                                         "full_attention", "sliding_attention"],
-                                            query_pre_attn_scalar=16, **common)
-        cls = transformers.Gemma3ForCausalLM
-    else:  # pragma: no cover
-        raise ValueError(family)
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    return model
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
-
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, transformers.PreTrainedModel]:
-    return {f: _tiny(f) for f in FAMILIES}
+    return {f: tiny_lm(f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +175,7 @@ def test_streaming_decode_matches_masked_reference(llama: transformers.PreTraine
 @torch.no_grad()
 def test_window_rows_equal_the_models_own_attention(family: str) -> None:
     """Queries recomputed inside the hook (q_norm, fused qkv, Gemma scaling) give the model's attention rows."""
-    model = _tiny(family, attn="eager")
+    model = tiny_lm(family, attn="eager")
     ids, mask = _batch([20, 20])
     seen = {}
 
@@ -236,7 +199,7 @@ def test_window_rows_equal_the_models_own_attention(family: str) -> None:
 @torch.no_grad()
 def test_snapkv_keeps_what_a_naive_per_head_snapkv_keeps() -> None:
     """Per-KV-head SnapKV (kvpress's formula written naively on the eager attention map)."""
-    model = _tiny("llama", attn="eager")
+    model = tiny_lm("llama", attn="eager")
     ids, _ = _batch([40])
     w, kernel, ratio = 8, 5, 0.5
     full = model(ids, output_attentions=True, use_cache=True)
@@ -363,7 +326,7 @@ def _hook_count(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def test_patch_is_per_instance_idempotent_and_exactly_undone() -> None:
-    a, b = _tiny("llama"), _tiny("llama")
+    a, b = tiny_lm("llama"), tiny_lm("llama")
     ids, _ = _batch([24])
     before = a(ids).logits
     n_hooks = _hook_count(a)

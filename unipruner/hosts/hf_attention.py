@@ -316,5 +316,5 @@ def input_rows(spec: AttentionLayer, hidden: Tensor, pe: tuple[Tensor, Tensor], 
         if n_queries != 1:
             raise UniprunerError("rows of several queries in a sliding-window layer differ in their visible keys; "
                                  "ask for n_queries=1 there")
-        key_mask = sliding_key_mask(t, 1, spec.sliding_window, hidden.device)[0]
+        key_mask = sliding_key_mask(t, 1, spec.sliding_window, hidden.device)[0].expand(hidden.shape[0], t)
     return window_attention(qs, ks, scale=spec.scale, causal=True, key_mask=key_mask)

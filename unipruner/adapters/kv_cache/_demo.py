@@ -58,11 +58,11 @@ def demo_section(console: Any, ratio: float) -> None:
     import torch
     from rich.table import Table
 
+    from ..._threads import limit_threads
     from ...models import load_smollm2
     from ._generate import generate
 
     console.rule(f"[bold]kv: SmolLM2-135M answers from a full vs a compressed KV cache (SnapKV, keeping {ratio:.0%})")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tok = load_smollm2()
     context, question = demo_prompt()
     n_tokens = len(tok(context)["input_ids"])
@@ -73,8 +73,9 @@ def demo_section(console: Any, ratio: float) -> None:
     full_bytes = None
     for label, r in (("full", 1.0), (f"snapkv {ratio:.0%}", ratio)):
         t0 = time.perf_counter()
-        ans = generate(model, tok, context, question, method="snapkv", ratio=r, max_new_tokens=8, window=32,
-                       query_aware=True)
+        with limit_threads(min(2, torch.get_num_threads())):  # scoped: the caller's count is restored after
+            ans = generate(model, tok, context, question, method="snapkv", ratio=r, max_new_tokens=8, window=32,
+                           query_aware=True)
         dt = time.perf_counter() - t0
         size = ans.stats.bytes_after
         full_bytes = full_bytes or ans.stats.bytes_before

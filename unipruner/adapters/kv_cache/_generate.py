@@ -111,9 +111,26 @@ def generate(model: Any, tokenizer: Any, contexts: str | Sequence[str], question
 
     Examples
     --------
-    >>> # model, tok = unipruner.models.load_smollm2()
-    >>> # unipruner.kv.generate(model, tok, [long_text_a, long_text_b], ["Who?", "When?"],
-    >>> #                       method="snapkv", ratio=0.5).texts
+    With real weights: ``model, tok = unipruner.models.load_smollm2()``. Here a tiny random
+    Llama and a whitespace tokenizer (what ``generate`` needs from one) keep it fast:
+
+    >>> import torch, transformers
+    >>> import unipruner
+    >>> class Words:
+    ...     pad_token_id, eos_token_id = 0, None
+    ...     def __call__(self, text, add_special_tokens=True):
+    ...         return {"input_ids": [1 + sum(map(ord, w)) % 49 for w in text.split()]}
+    ...     def decode(self, ids, skip_special_tokens=True):
+    ...         return " ".join(map(str, ids))
+    >>> _ = torch.manual_seed(0)
+    >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+    ...     intermediate_size=64, vocab_size=50)).eval()
+    >>> model.generation_config.eos_token_id = None
+    >>> ans = unipruner.kv.generate(model, Words(), ["a b c d e f g h i j k l", "m n o p"], ["who?", "when?"],
+    ...                             method="snapkv", ratio=0.5, window=2, max_new_tokens=3)
+    >>> ans.tokens.shape, [s.tokens_kept for s in ans.stats.layers]  # 6 + 2 kept, then 1 + 2 fed per row
+    (torch.Size([2, 3]), [14.0, 14.0])
     """
     t0 = time.perf_counter()
     ctx = _texts(contexts, "contexts")
