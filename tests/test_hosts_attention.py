@@ -8,13 +8,12 @@ import sys
 import pytest
 import torch
 import transformers
+from _tiny_lm import FAMILIES, VOCAB, tiny_lm
 from transformers.cache_utils import DynamicCache
 
 from unipruner.adapters.rag import FocalAttentionScorer
 from unipruner.hosts import hf_attention as hf
 from unipruner.hosts.masks import expand_heads, leading, sliding_key_mask, stored_slot_mask, trailing
-
-from _tiny_lm import FAMILIES, VOCAB, tiny_lm
 
 torch.set_num_threads(2)
 N = 20
