@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from unipruner.adapters.colbert.formats import Chunk, IndexFormatError, detect_format
-from unipruner.adapters.colbert.formats.plaid import PlaidFormat, ResidualCodec
+from unipruner.adapters.colbert.formats._codec import ResidualCodec
+from unipruner.adapters.colbert.formats.plaid import PlaidFormat
 from unipruner.errors import UniprunerError
 
 torch.set_num_threads(2)

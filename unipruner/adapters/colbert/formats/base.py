@@ -24,8 +24,6 @@ Performance Impact via Token Pooling", 2024).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,8 +42,6 @@ __all__ = [
     "IndexFormat",
     "IndexFormatError",
     "IndexInfo",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "check_chunk",
     "detect_format",
     "dir_bytes",
@@ -243,21 +239,3 @@ def detect_format(path: Path | str) -> type[IndexFormat]:
 def dir_bytes(path: Path) -> int:
     """Total size in bytes of the regular files under ``path`` (recursively)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))

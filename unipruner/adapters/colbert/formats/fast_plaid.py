@@ -48,72 +48,26 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ._atomic import atomic_write_text, copy_file_atomic, save_npy_atomic
+from ._codec import ResidualCodec, build_ivf_pairs, check_codec, check_codes_residuals, ivf_from_pairs
+from ._safe_io import check_doclens, load_json_file, load_npy, read_pylate_doc_ids, require_int
 from .base import (
     Chunk,
     ChunkWriter,
     IndexFormat,
     IndexFormatError,
     IndexInfo,
-    atomic_write_text,
     check_chunk,
     dir_bytes,
     register,
 )
-from .plaid import (
-    ResidualCodec,
-    build_ivf_pairs,
-    check_codec,
-    check_codes_residuals,
-    check_doclens,
-    copy_file_atomic,
-    ivf_from_pairs,
-    load_json_file,
-    read_pylate_doc_ids,
-    require_int,
-    save_atomic,
-)
 
-__all__ = ["FastPlaidFormat", "FastPlaidWriter", "load_npy"]
+__all__ = ["FastPlaidFormat", "FastPlaidWriter"]
 
 SUBDIR = "fast_plaid_index"
 # Written anew (or deliberately dropped) by the writer; every other file is copied byte for byte.
 _NOT_COPIED = {"metadata.json", "ivf.npy", "ivf_lengths.npy", "embeddings.npy", "buffer.npy", "plaid.lock"}
 _CHUNK_FILE = re.compile(r"^(?:doclens\.(\d+)\.json|(\d+)\.(?:codes|residuals)\.npy|(\d+)\.metadata\.json)$")
-
-
-def load_npy(path: Path, what: str, mmap: bool = False) -> np.ndarray:
-    """``numpy.load(path, allow_pickle=False)`` with a clear :class:`IndexFormatError` for any failure.
-
-    Parameters
-    ----------
-    path : Path
-        The ``.npy`` file.
-    what : str
-        What it should hold, for messages.
-    mmap : bool
-        Memory-map instead of reading (shape checks without reading the data).
-    """
-    if not path.is_file():
-        raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except ValueError as err:
-        if "allow_pickle" in str(err) or "Object arrays" in str(err):
-            raise IndexFormatError(f"{path}: holds pickled objects where a numeric array ({what}) was expected; "
-                                   "pickles are never loaded") from err
-        raise IndexFormatError(f"{path}: not a valid .npy array ({what}): {err}") from err
-    except (OSError, EOFError) as err:
-        raise IndexFormatError(f"{path}: cannot be read as a .npy array ({what}): {err}") from err
-    if not isinstance(arr, np.ndarray):
-        raise IndexFormatError(f"{path}: expected a single .npy array ({what})")
-    return arr
-
-
-def _save_npy(path: Path, arr: np.ndarray, allow_pickle: bool = False) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=allow_pickle)
-    save_atomic(path, write)
 
 
 @register
@@ -312,8 +266,8 @@ class FastPlaidWriter(ChunkWriter):
                                    f" but the source chunk holds [{doc_off}, {doc_off + n_docs}): documents must "
                                    "stay in place")
         codes, residuals = self.src.codec.encode(chunk.vectors)
-        _save_npy(self.root / f"{i}.codes.npy", codes.numpy().astype(self.src.codes_dtype))
-        _save_npy(self.root / f"{i}.residuals.npy", residuals.numpy())
+        save_npy_atomic(self.root / f"{i}.codes.npy", codes.numpy().astype(self.src.codes_dtype))
+        save_npy_atomic(self.root / f"{i}.residuals.npy", residuals.numpy())
         atomic_write_text(self.root / f"doclens.{i}.json", json.dumps([int(v) for v in doclens],
                                                                       separators=(",", ":")))
         n = int(doclens.sum())
@@ -333,15 +287,15 @@ class FastPlaidWriter(ChunkWriter):
         if self.next_chunk != len(self.src.chunk_doclens):
             raise IndexFormatError(f"close() after {self.next_chunk} of {len(self.src.chunk_doclens)} chunks")
         pids, lengths = ivf_from_pairs(self.ivf_keys, int(self.src.codec.centroids.shape[0]))
-        _save_npy(self.root / "ivf.npy", pids.numpy().astype(np.int64))
-        _save_npy(self.root / "ivf_lengths.npy", lengths.numpy().astype(np.int32))
+        save_npy_atomic(self.root / "ivf.npy", pids.numpy().astype(np.int64))
+        save_npy_atomic(self.root / "ivf_lengths.npy", lengths.numpy().astype(np.int32))
         if self.keep_raw:
             # fast-plaid's own layout for this file (``save_list_tensors_on_disk``): an object array of per-document
             # float arrays. We write it (never read it) so that fast-plaid's update starts from the reduced vectors.
             raw = np.empty(len(self.raw_docs), dtype=object)
             for j, d in enumerate(self.raw_docs):
                 raw[j] = d
-            _save_npy(self.root / "embeddings.npy", raw, allow_pickle=True)
+            save_npy_atomic(self.root / "embeddings.npy", raw, allow_pickle=True)
             self.raw_docs = []
         meta = dict(self.src.meta)
         n_docs = int(sum(len(d) for d in self.src.chunk_doclens))

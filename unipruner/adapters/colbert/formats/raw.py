@@ -28,13 +28,13 @@ from typing import Any, BinaryIO, ClassVar
 import numpy as np
 import torch
 
+from ._atomic import atomic_write_text
 from .base import (
     Chunk,
     ChunkWriter,
     IndexFormat,
     IndexFormatError,
     IndexInfo,
-    atomic_write_text,
     check_chunk,
     dir_bytes,
     register,

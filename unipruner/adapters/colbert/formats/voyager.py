@@ -36,18 +36,18 @@ import numpy as np
 import torch
 
 from ....models import require
+from ._atomic import atomic_write_bytes, save_atomic
+from ._safe_io import restricted_pickle_load, restricted_pickle_loads
 from .base import (
     Chunk,
     ChunkWriter,
     IndexFormat,
     IndexFormatError,
     IndexInfo,
-    atomic_write_bytes,
     check_chunk,
     dir_bytes,
     register,
 )
-from .plaid import restricted_pickle_load, restricted_pickle_loads, save_atomic
 
 __all__ = ["VoyagerFormat", "VoyagerWriter"]
 
