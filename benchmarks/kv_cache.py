@@ -14,7 +14,7 @@
    as ratios to the uncompressed model in the same process.
 
 4. ``kv_overhead`` — time overhead of SnapKV, StreamingLLM, TOVA and KNorm at ratio 0.5 as a ratio
-   within this process: (prefill under ``kv.compress``) / (plain prefill), batch 1, on the token ids of
+   within this process: (prefill under ``kv.patch``) / (plain prefill), batch 1, on the token ids of
    the 1,024-token passkey prompts of ``kv_prompts.json``, interleaved rounds (plain, method, plain,
    method, ...; ``--rounds``, default 5, after a warm-up round), min over rounds of the wall and the
    process CPU time. ``kvpress_side.py --overhead`` measures kvpress's presses the same way in its own
@@ -177,7 +177,7 @@ def run_ppl(model: Any, tok: Any, prefill: int, cont: int, methods: list[tuple[s
     rep.add(method="full", ratio=1.0, ppl=float(torch.tensor(nll_full).exp()), **{"ppl/full": 1.0}, KL=0.0)
     for label, name, extra in methods:
         for r in ratios:
-            with kv.compress(model, name, r, **extra) as h, torch.inference_mode():
+            with kv.patch(model, name, r, **extra) as h, torch.inference_mode():
                 lp = _continuation(model, h.new_cache(), prefix, target)
             nll = -lp.gather(-1, target[0, :, None]).mean().item()
             kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
@@ -260,7 +260,7 @@ def run_cost(model: Any, tok: Any, length: int, batches: list[int], n_new: int, 
                         pre, dec, mem, c = _cost_once(model, ids, mask, n_new, cache)
                         nbytes = sum(x.keys.numel() * x.keys.element_size() * 2 for x in c.layers)
                     else:
-                        with kv.compress(model, name, ratio, **extra) as h:
+                        with kv.patch(model, name, ratio, **extra) as h:
                             pre, dec, mem, c = _cost_once(model, ids, mask, n_new, h.new_cache())
                             nbytes = sum(x.k.numel() * x.k.element_size() * 2 for x in c.layers)
                     res.setdefault(label, []).append((pre, dec, mem, nbytes))
@@ -295,18 +295,16 @@ def run_overhead(model: Any, tok: Any, prompts: list[dict[str, Any]], rounds: in
 
     def with_method(name: str) -> Callable[[torch.Tensor], Any]:
         def run(x: torch.Tensor) -> Any:
-            with kv.compress(model, name, ratio) as h:
+            with kv.patch(model, name, ratio) as h:
                 return model(x, cache=h.new_cache(), use_cache=True, logits_to_keep=1)
         return run
-
-    from unipruner.adapters.kv_cache._patch import KVCompressor
 
     with torch.inference_mode():
         res = interleaved_overhead(plain, {m: with_method(m) for m in OVERHEAD_METHODS}, ids, rounds)
         for m in OVERHEAD_METHODS:  # time inside our hooks (all four: masks, scoring, compression)
             fn = with_method(m)
             res["methods"][m]["hook_s"] = hook_seconds(
-                KVCompressor, ("_model_pre", "_model_post", "_attn_pre", "_attn_post"),
+                kv.KVCompressor, ("_model_pre", "_model_post", "_attn_pre", "_attn_post"),
                 lambda fn=fn: [fn(x) for x in ids])
     rep = Report("kv_overhead", ["method", "wall x", "CPU x", "wall x (median)", "plain s", "method s", "hook s"])
     for name, r in res["methods"].items():
@@ -380,7 +378,7 @@ def our_kept_sets(model: Any, ids: torch.Tensor, methods: list[tuple[str, str, d
         model(ids, cache=full, use_cache=True, logits_to_keep=1)
         out: dict[str, list[list[list[int]]]] = {}
         for label, name, extra in methods:
-            with kv.compress(model, name, ratio, **extra) as h:
+            with kv.patch(model, name, ratio, **extra) as h:
                 c = h.new_cache()
                 model(ids, cache=c, use_cache=True, logits_to_keep=1)
             out[label] = [[sorted(s) for s in kept_indices(f.keys[0], lay.k[0], lay.slot_valid()[0])]

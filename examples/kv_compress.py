@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import torch
 
-import unipruner.adapters.kv_cache as kv  # also reachable as unipruner.kv
-from unipruner.adapters.kv_cache._demo import demo_prompt
+import unipruner
 from unipruner.models import load_smollm2
 
-torch.set_num_threads(1)
+kv = unipruner.kv
+torch.set_num_threads(1)  # a script may set its own process's threads; the library never does
 model, tok = load_smollm2()
-context, question = demo_prompt()
+context, question = kv.demo_prompt()
 
-# 1. Any generate() call of a patched model compresses its prompt's cache at prefill.
+# 1. Any generate() call of a patched model compresses its prompt's cache at prefill (ratio = fraction kept).
 ids = tok(context + question, return_tensors="pt")
-with kv.compress(model, "snapkv", ratio=0.5, window=32) as handle:
-    out = model.generate(**ids, max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None)
+greedy = dict(max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None)
+with kv.patch(model, "snapkv", ratio=0.5, window=32) as handle:
+    out = model.generate(**ids, **greedy)
     print("snapkv 50% (query-aware):", tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     print(handle.describe())
     print(str(handle.stats()).splitlines()[-1])
+    handle.configure(ratio=0.25)  # the live knob: same keywords as patch
+    out = model.generate(**ids, **greedy)
+    print("snapkv 25% (query-aware):", tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
 # 2. Query-agnostic protocol (compress the context alone, then ask), batched over methods' answers.
 for method in ("streamingllm", "h2o", "tova", "knorm"):
