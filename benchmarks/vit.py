@@ -11,7 +11,8 @@
    cosine between the pruned and unpruned CLS embeddings (final layer norm output).
 2. Fidelity (``vit_digits``): the digits-trained ViT fixture (tests/fixtures/vit_digits.py, 4 blocks,
    65 tokens) on its 500 held-out images: top-1 accuracy vs tokens kept for every method, with
-   FLOPs ratios; plot docs/img/vit_accuracy_vs_flops.png and a merge picture docs/img/vit_merges.png.
+   FLOPs ratios (``Schedule.geometric(final=f)``: ``f`` of the patches left after the last block);
+   plot docs/img/vit_accuracy_vs_flops.png and a merge picture docs/img/vit_merges.png.
 
 Run: ``python benchmarks/vit.py`` (``--quick`` for a smoke run, ``--part speed|digits``).
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import ROOT, Report
 
 import unipruner.adapters.vit as vit
+from unipruner import Schedule
 
 IMG = ROOT / "docs" / "img"
 # (label, method, extra params); every entry runs at the same per-block token counts as ToMe r
@@ -91,19 +93,19 @@ def speed(quick: bool, only: list[str] | None = None, rounds: int = 5) -> Report
     load0 = os.getloadavg()
     plans = {}
     for r in rs:  # ToMe's per-block counts (capped where fewer than 2r tokens remain); every method uses them
-        with vit.patched(model, "tome", r=r) as p:
-            plans[r] = [a - b for a, b in p.tokens_per_layer()]
+        with vit.patch(model, "tome", r=r) as h:
+            plans[r] = [a - b for a, b in h.tokens_per_layer()]
     for label, name, params in SPEED_METHODS:
         if only and label not in only:
             continue
         for r in rs:
-            p = vit.patch(model, name, r=plans[r], **params)
+            h = vit.patch(model, name, r=plans[r], **params)
             flops = _flops(model, x)
             tb_all, tp_all, cb_all, cp_all, cos = [], [], [], [], []
             for _ in range(rounds):
-                p.enabled = False
+                h.configure(enabled=False)
                 tb, cb, ref = _timed(model, x)
-                p.enabled = True
+                h.configure(enabled=True)
                 tp, cp, out = _timed(model, x)
                 tb_all.append(tb)
                 tp_all.append(tp)
@@ -114,7 +116,7 @@ def speed(quick: bool, only: list[str] | None = None, rounds: int = 5) -> Report
             speedup = min(tb_all) / min(tp_all)
             cpu = min(cb_all) / min(cp_all)
             fr = flops / base_flops
-            rep.add(**{"method": label, "r": r, "tokens out": p.tokens_per_layer()[-1][1], "speed-up": speedup,
+            rep.add(**{"method": label, "r": r, "tokens out": h.tokens_per_layer()[-1][1], "speed-up": speedup,
                        "CPU-time ratio": cpu, "FLOPs ratio": fr, "realised/theoretical": speedup * fr,
                        "CLS cosine": statistics.mean(cos)})
             print(f"{label} r={r}: {speedup:.2f}x (CPU time {cpu:.2f}x), FLOPs {fr:.3f}, unpatched "
@@ -152,32 +154,33 @@ def digits(quick: bool) -> Report:
     probe = x[:50]
     base_flops = _flops(model, probe)
     ratios = [0.75, 0.5, 0.35, 0.25, 0.15] if not quick else [0.5]
-    rep = Report("vit_digits", ["method", "ratio kept", "mean tokens/block", "FLOPs ratio", "accuracy",
+    rep = Report("vit_digits", ["method", "final", "mean tokens/block", "FLOPs ratio", "accuracy",
                                 "Δ accuracy"])
-    rep.add(**{"method": "unpatched", "ratio kept": 1.0, "mean tokens/block": 65.0, "FLOPs ratio": 1.0,
+    rep.add(**{"method": "unpatched", "final": 1.0, "mean tokens/block": 65.0, "FLOPs ratio": 1.0,
                "accuracy": base_acc, "Δ accuracy": 0.0})
     series: dict[str, tuple[list[float], list[float]]] = {}
     for label, name, params in DIGIT_METHODS:
         xs, ys = [1.0], [base_acc]
         for ratio in ratios:
-            with vit.patched(model, name, ratio=ratio, **params) as p:
+            with vit.patch(model, name, schedule=Schedule.geometric(final=ratio), **params) as h:
                 acc = fx.accuracy(model, x, y)
                 fr = _flops(model, probe) / base_flops
-                plan = p.tokens_per_layer()
+                plan = h.tokens_per_layer()
             mean_tokens = sum(n_in for n_in, _ in plan) / len(plan)
-            rep.add(**{"method": label, "ratio kept": ratio, "mean tokens/block": mean_tokens, "FLOPs ratio": fr,
+            rep.add(**{"method": label, "final": ratio, "mean tokens/block": mean_tokens, "FLOPs ratio": fr,
                        "accuracy": acc, "Δ accuracy": acc - base_acc})
             xs.append(fr)
             ys.append(acc)
         series[label] = (xs, ys)
         print(f"{label}: {[round(v, 3) for v in ys]}", flush=True)
     rep.notes.append(f"{len(y)} held-out digits; 65 tokens (CLS + 8x8 patches of 4x4 pixels), 4 blocks; "
-                     "`ratio` = fraction of the patch tokens left after the last block, reached geometrically.")
+                     "`final` = fraction of the patch tokens left after the last block, reached geometrically "
+                     "(`schedule=Schedule.geometric(final=...)`).")
     if not quick:
         _plot(IMG / "vit_accuracy_vs_flops.png", series)
-        with vit.patched(model, "tome", ratio=0.25):
+        with vit.patch(model, "tome", schedule=Schedule.geometric(final=0.25)):
             vit.visualize(model, x[:4], IMG / "vit_merges.png", layers=[0, 1, 3], index=0)
-        with vit.patched(model, "evit", ratio=0.25):
+        with vit.patch(model, "evit", schedule=Schedule.geometric(final=0.25)):
             vit.visualize(model, x[:4], IMG / "vit_evit.png", layers=[0, 1, 3], index=0)
     return rep
 

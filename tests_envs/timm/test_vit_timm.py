@@ -50,14 +50,16 @@ def test_keep_everything_is_identical_and_unpatch_restores(kw: dict[str, object]
     hooks = _n_hooks(model)
     for method in ("tome", "zero_tprune", "random"):
         if method == "zero_tprune" or kw.get("class_token", True):
-            with vit.patched(model, method, r=0) as p:
+            with vit.patch(model, method, r=0) as p:
                 assert p.protected == model.num_prefix_tokens
                 assert torch.equal(_run(model), ref)
     p = vit.patch(model, "tome", r=3)
     out = model.forward_features(PIX)  # calling forward_features directly works too
     assert out.shape[1] == model.num_prefix_tokens + 16 - 9
-    assert p.tokens_per_layer()[-1][1] == out.shape[1]
+    assert p.tokens_per_layer()[-1][1] == out.shape[1] == p.stats().n_out
+    assert p.call_state() is None  # the last block ended the call (the model's own forward never ran)
     assert _run(model).shape == ref.shape
+    assert vit.find(model) is p and "timm VisionTransformer" in p.describe()
     vit.unpatch(model)
     assert _n_hooks(model) == hooks
     assert torch.equal(_run(model), ref) and torch.equal(model.forward_features(PIX), feats)
@@ -102,7 +104,7 @@ def test_tome_matches_naive_reference(kw: dict[str, object]) -> None:
     model = _build(**kw)
     with torch.no_grad():
         ref = _naive_tome(model, PIX, [3, 4, 2])
-        with vit.patched(model, "tome", r=[3, 4, 2]):
+        with vit.patch(model, "tome", r=[3, 4, 2]):
             out = model.forward_features(PIX)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -117,7 +119,7 @@ def test_evit_rebuilds_cls_attention_from_timm_queries_and_keys() -> None:
     scores = attn[:, :, 0].mean(1)
     scores[:, 0] = math.inf
     expected = torch.sort(torch.topk(scores, 7, dim=1).indices, dim=1).values
-    with vit.patched(model, "evit", schedule=[Budget(keep=6), None, None]):
+    with vit.patch(model, "evit", schedule=[Budget(keep=6), None, None]):
         _run(model)
         owner = vit.kept_tokens(model)[0].owner
     kept = torch.stack([torch.nonzero(row >= 0).squeeze(1) for row in owner])
@@ -128,9 +130,9 @@ def test_methods_dense_outputs_and_visualisation(tmp_path: Path) -> None:
     model = _build(global_pool="avg")
     ref = _run(model)
     for name in vit.VIT_METHODS:
-        with vit.patched(model, name, r=2):
+        with vit.patch(model, name, r=2):
             assert _run(model).shape == ref.shape, name
-    with vit.patched(model, "tome", r=3, return_unmerged=True):
+    with vit.patch(model, "tome", r=3, return_unmerged=True):
         dense = model.forward_features(PIX)
         assert dense.shape == (2, 17, 32)
         vit.visualize(model, PIX, tmp_path / "timm.png")
@@ -140,12 +142,12 @@ def test_methods_dense_outputs_and_visualisation(tmp_path: Path) -> None:
 def test_bad_inputs() -> None:
     model = _build()
     with pytest.raises(UniprunerError, match=r"accepts images of 3x32x32.*dynamic_img_size"):
-        with vit.patched(model, "tome", r=2):
+        with vit.patch(model, "tome", r=2):
             _run(model, torch.randn(1, 3, 40, 40))
     with pytest.raises(UniprunerError, match="no CLS token"):
         vit.patch(_build(class_token=False, global_pool="avg"), "evit", r=2)
     with pytest.raises(UniprunerError, match="at most 8"):
         vit.patch(model, "tome", r=9)
     dyn = _build(dynamic_img_size=True)
-    with vit.patched(dyn, "tome", r=2):
+    with vit.patch(dyn, "tome", r=2):
         assert _run(dyn, torch.randn(1, 3, 48, 48)).shape == (1, 5)
