@@ -512,18 +512,20 @@ def _n0(host: Host) -> int:
     return host.protected + (host.image_size[0] // host.patch_size[0]) * (host.image_size[1] // host.patch_size[1])
 
 
-def _removals(host: Host, settings: ViTSettings, n0: int) -> list[int]:
+def _plan_args(host: Host, settings: ViTSettings) -> dict[str, Any]:
+    """The keywords of :meth:`Schedule.removals` for this host and method."""
     m = settings.method
-    return settings.schedule.removals(n0, len(host.layers), protected=host.protected, limit=_limit(m),
-                                      who=repr(m.name))
+    return {"n_layers": len(host.layers), "protected": host.protected, "limit": _limit(m), "who": repr(m.name)}
+
+
+def _removals(host: Host, settings: ViTSettings, n0: int) -> list[int]:
+    """Tokens each block removes from an input of ``n0`` tokens."""
+    return settings.schedule.removals(n0, **_plan_args(host, settings))
 
 
 def _counts(host: Host, settings: ViTSettings, n0: int) -> list[tuple[int, int]]:
-    out, n = [], n0
-    for r in _removals(host, settings, n0):
-        out.append((n, n - r))
-        n -= r
-    return out
+    """``(tokens in, tokens out)`` of every block for an input of ``n0`` tokens."""
+    return settings.schedule.counts(n0, **_plan_args(host, settings))
 
 
 def _plan_from_indices(indices: Tensor, n: int) -> MergePlan:
