@@ -262,17 +262,22 @@ def ward_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = No
     >>> ward_labels(x, 2)
     tensor([[0, 1, 0, 1, 0]])
     """
+    return _ward_checked(x, n_clusters, mask, chunk_size, normalize=normalize, cosine=False)
+
+
+def _ward_checked(x: Tensor, n_clusters: Tensor | int, mask: Tensor | None, chunk_size: int | None, *,
+                  normalize: bool, cosine: bool) -> Tensor:
+    """Validate the arguments of :func:`ward_labels` / :func:`ward_cosine_labels`, then run :func:`_ward`."""
     x = check_tokens(x, "x")
     _check_finite_tokens(x)
     b, n, _ = x.shape
     mask = check_mask(mask, b, n)
     valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
-    nv = valid.sum(dim=1)
-    k = _cluster_counts(n_clusters, nv, n)
+    k = _cluster_counts(n_clusters, valid.sum(dim=1), n)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise UniprunerError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return _ward(x, k, valid, normalize=normalize, chunk_size=chunk_size)
+    return _ward(x, k, valid, normalize=normalize, chunk_size=chunk_size, cosine=cosine)
 
 
 def ward_cosine_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | None = None,
@@ -311,16 +316,7 @@ def ward_cosine_labels(x: Tensor, n_clusters: Tensor | int, *, mask: Tensor | No
     >>> ward_cosine_labels(x, 2)
     tensor([[0, 1, 0, 1, 0]])
     """
-    x = check_tokens(x, "x")
-    _check_finite_tokens(x)
-    b, n, _ = x.shape
-    mask = check_mask(mask, b, n)
-    valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
-    k = _cluster_counts(n_clusters, valid.sum(dim=1), n)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise UniprunerError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return _ward(x, k, valid, normalize=True, chunk_size=chunk_size, cosine=True)
+    return _ward_checked(x, n_clusters, mask, chunk_size, normalize=True, cosine=True)
 
 
 def _ward(x: Tensor, k: Tensor, valid: Tensor, *, normalize: bool,

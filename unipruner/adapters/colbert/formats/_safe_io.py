@@ -110,7 +110,7 @@ def load_json_file(path: Path, what: str) -> Any:
     if not path.is_file():
         raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexFormatError(f"{path}: not valid JSON ({what}): {err}") from err
 
@@ -151,16 +151,17 @@ def load_npy(path: Path, what: str, mmap: bool = False) -> np.ndarray:
         Memory-map instead of reading (shape checks without reading the data).
     """
     if not path.is_file():
-        raise IndexFormatError(f"{path}: missing ({what}); the index is incomplete")
+        raise IndexFormatError(f"{path.parent}: {path.name} is missing ({what}); the index is incomplete")
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as err:
-        if "allow_pickle" in str(err) or "Object arrays" in str(err):
-            raise IndexFormatError(f"{path}: holds pickled objects where a numeric array ({what}) was expected; "
-                                   "pickles are never loaded") from err
-        raise IndexFormatError(f"{path}: not a valid .npy array ({what}): {err}") from err
+        if any(k in str(err) for k in ("allow_pickle", "Object arrays", "Python objects")):
+            raise IndexFormatError(f"{path}: {what} must be a plain numeric .npy array, not a pickle: it holds "
+                                   "pickled objects, and pickles are never loaded") from err
+        raise IndexFormatError(f"{path}: not a valid .npy array ({what}; truncated or corrupt): {err}") from err
     except (OSError, EOFError) as err:
-        raise IndexFormatError(f"{path}: cannot be read as a .npy array ({what}): {err}") from err
+        raise IndexFormatError(f"{path}: cannot be read as a .npy array ({what}; truncated or corrupt): "
+                               f"{err}") from err
     if not isinstance(arr, np.ndarray):
         raise IndexFormatError(f"{path}: expected a single .npy array ({what})")
     return arr

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write_text
+from ._safe_io import load_json_file, load_npy
 from .base import (
     Chunk,
     ChunkWriter,
@@ -50,29 +51,6 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 _ST_DTYPES = {"F16": "float16", "F32": "float32"}
 _NPY_HEADER = 128  # bytes reserved for the .npy header (magic + length + dict)
 _ST_HEADER = 256  # bytes reserved for the safetensors JSON header
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise IndexFormatError(f"{path.parent}: {what} {path.name} is missing") from err
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise IndexFormatError(f"{path}: {what} is not valid JSON ({err})") from err
-
-
-def _load_npy(path: Path, what: str, mmap: bool) -> np.ndarray:
-    if not path.is_file():
-        raise IndexFormatError(f"{path.parent}: {what} {path.name} is missing")
-    try:
-        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as err:  # pickled object arrays / pickles refused by allow_pickle=False
-        raise IndexFormatError(f"{path}: {what} must be a plain numeric .npy array, not a pickle ({err})") from err
-    except (OSError, EOFError) as err:
-        raise IndexFormatError(f"{path}: {what} is not a readable .npy file (truncated or corrupt: {err})") from err
-    if not isinstance(arr, np.ndarray):
-        raise IndexFormatError(f"{path}: {what} must be a single .npy array, not an archive")
-    return arr
 
 
 def _st_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -99,7 +77,7 @@ class _Vectors:
     def __init__(self, path: Path, dtype: str, dim: int) -> None:
         self.path = path
         if path.suffix == ".npy":
-            arr = _load_npy(path, "vectors", mmap=True)
+            arr = load_npy(path, "vectors", mmap=True)
         else:
             head, start = _st_header(path)
             t = head.get("vectors")
@@ -180,7 +158,7 @@ class RawIndex(IndexFormat):
             chunk_vectors = CHUNK_VECTORS
         if not path.is_dir():
             raise IndexFormatError(f"{path} is not a directory")
-        man = _read_json(path / "manifest.json", "manifest")
+        man = load_json_file(path / "manifest.json", "manifest")
         if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
             raise IndexFormatError(f"{path}/manifest.json: 'format' must be {FORMAT_NAME!r}")
         if man.get("version") != VERSION:
@@ -196,7 +174,7 @@ class RawIndex(IndexFormat):
         if not (path / vfile).is_file():
             raise IndexFormatError(f"{path}: {vfile} is missing")
         vectors = _Vectors(path / vfile, dtype, dim)
-        doclens = _load_npy(path / "doclens.npy", "doclens", mmap=False)
+        doclens = load_npy(path / "doclens.npy", "doclens", mmap=False)
         if doclens.ndim != 1 or not np.issubdtype(doclens.dtype, np.integer):
             raise IndexFormatError(f"{path}/doclens.npy must be a 1-D integer array, got {doclens.dtype} "
                                    f"{doclens.shape}")
@@ -208,7 +186,7 @@ class RawIndex(IndexFormat):
         if n != vectors.arr.shape[0]:
             raise IndexFormatError(f"{path}: doclens sum to {n} vectors but {vfile} holds {vectors.arr.shape[0]} "
                                    "(truncated or inconsistent index)")
-        ids = _read_json(path / "ids.json", "ids file")
+        ids = load_json_file(path / "ids.json", "ids file")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise IndexFormatError(f"{path}/ids.json must be a JSON list of strings")
         if len(ids) != doclens.size:
