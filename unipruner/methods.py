@@ -643,7 +643,7 @@ class ToMeSD(MergingMethod):
     name: ClassVar[str] = "tomesd"
     family: ClassVar[str] = "similarity"
     paper: ClassVar[str] = "Bolya & Hoffman, Token Merging for Fast Stable Diffusion, CVPRW 2023"
-    domains: ClassVar[tuple[str, ...]] = ("diffusion", "vit")
+    domains: ClassVar[tuple[str, ...]] = ("diffusion",)  # its 2-D windows need an intact grid at every layer
     requires: ClassVar[tuple[str, ...]] = ("hw",)
     summary: ClassVar[str] = "2-D stride matching (random or fixed destinations per window)"
     sx: int = 2

@@ -48,9 +48,9 @@ from ._hosts import SUPPORTED_HOSTS, Host, find_host
 __all__ = ["VIT_METHODS", "LayerTokens", "ViTHandle", "ViTSettings", "ViTStats", "find", "kept_tokens", "patch",
            "unpatch"]
 
-#: Registry methods the ViT adapter runs (every method whose domains include "vit", except the
-#: 2-D ``tomesd``, whose windows need an intact token grid at every layer).
-VIT_METHODS: tuple[str, ...] = tuple(sorted(n for n, c in REGISTRY.items() if "vit" in c.domains and n != "tomesd"))
+#: Registry methods the ViT adapter runs: exactly those whose domains include "vit"
+#: (``unipruner methods --domain vit``; the 2-D ``tomesd`` is diffusion-only: its windows need an intact grid).
+VIT_METHODS: tuple[str, ...] = tuple(sorted(n for n, c in REGISTRY.items() if "vit" in c.domains))
 _KEY_METHODS = ("tome", "dart")  # methods whose similarity metric is the attention keys
 
 RSpec = int | tuple[int, float] | Sequence[int]
