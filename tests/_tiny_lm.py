@@ -41,3 +41,15 @@ def tiny_lm(family: str, attn: str = "sdpa") -> transformers.PreTrainedModel:
     model.set_attn_implementation(attn)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     return model
+
+
+def left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids ``[B, max(lengths)]`` left-padded with 0, and their 0/1 attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), n), generator=g)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, length in enumerate(lengths):  # building test input
+        mask[i, n - length:] = 1
+        ids[i, : n - length] = 0
+    return ids, mask

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from _tiny_lm import FAMILIES, VOCAB, tiny_lm
+from _tiny_lm import left_padded_batch as _batch
 from transformers.cache_utils import DynamicCache
 
 import unipruner
@@ -27,17 +28,6 @@ def models() -> dict[str, transformers.PreTrainedModel]:
 @pytest.fixture(scope="module")
 def llama(models: dict[str, transformers.PreTrainedModel]) -> transformers.PreTrainedModel:
     return models["llama"]
-
-
-def _batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.randint(1, VOCAB, (len(lengths), n), generator=g)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        mask[i, n - length:] = 1
-        ids[i, : n - length] = 0
-    return ids, mask
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

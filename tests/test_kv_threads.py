@@ -7,24 +7,14 @@ import threading
 import pytest
 import torch
 import transformers
-from _tiny_lm import VOCAB, tiny_lm
+from _tiny_lm import left_padded_batch as _batch
+from _tiny_lm import tiny_lm
 
 import unipruner
 import unipruner.adapters.kv_cache as kv
 from unipruner import Budget
 
 torch.set_num_threads(2)
-
-
-def _batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.randint(1, VOCAB, (len(lengths), n), generator=g)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        mask[i, n - length:] = 1
-        ids[i, : n - length] = 0
-    return ids, mask
 
 
 def _generate(model: transformers.PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, n: int = 8) -> torch.Tensor:
