@@ -363,6 +363,12 @@ class EmbeddingScorer:
 _TERM = re.compile(r"\w+")
 
 
+def _unit_terms(texts: Sequence[str], spans: Spans, vocab: dict[str, int]) -> tuple[list[str], list[list[int]]]:
+    """Every unit's text and its lower-cased word ids (``vocab`` grows with new words)."""
+    units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+    return units, [[vocab.setdefault(t, len(vocab)) for t in _TERM.findall(u.lower())] for u in units]
+
+
 @dataclass
 class BM25Scorer:
     """Okapi BM25 of each unit against the query, the units of one query being the collection.
@@ -388,10 +394,9 @@ class BM25Scorer:
     def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
         """BM25 per unit; see the class docstring."""
         _check_texts(query, texts, spans)
-        units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
         vocab: dict[str, int] = {}
         q_terms = sorted({vocab.setdefault(t, len(vocab)) for t in _TERM.findall(query.lower())})
-        docs = [[vocab.setdefault(t, len(vocab)) for t in _TERM.findall(u.lower())] for u in units]
+        units, docs = _unit_terms(texts, spans, vocab)
         is_words = all(len(d) <= 1 for d in docs) and len(units) > len(texts)
         if is_words:
             from ._split import unit_spans
@@ -444,9 +449,8 @@ class IDFScorer:
     def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
         """Mean word IDF per unit; see the class docstring."""
         _check_texts(query, texts, spans)
-        units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
         vocab: dict[str, int] = {}
-        docs = [[vocab.setdefault(t, len(vocab)) for t in _TERM.findall(u.lower())] for u in units]
+        _, docs = _unit_terms(texts, spans, vocab)
         df, n = idf_table(docs, max(len(vocab), 1))
         lengths = torch.tensor([len(d) for d in docs], dtype=torch.long)
         flat = torch.tensor([t for d in docs for t in d], dtype=torch.long)
