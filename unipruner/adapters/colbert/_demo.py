@@ -46,9 +46,18 @@ def demo_section(console: Any, ratio: float) -> None:
 
     Rows: the full index; Ward token pooling with pool factor 2 (Clavié et al. 2024); IDF pruning keeping ``ratio``
     of the vectors (Lassance et al. 2021). Each compressed index is written by the real pipeline
-    (``unipruner colbert compress``) into a temporary directory and searched by exact MaxSim.
+    (``unipruner colbert compress``) into a temporary directory and searched by exact MaxSim. Runs on at most two
+    threads; the caller's thread setting comes back afterwards.
     """
     import torch
+
+    from ..._threads import limit_threads
+
+    with limit_threads(min(2, torch.get_num_threads())):
+        _demo(console, ratio)
+
+
+def _demo(console: Any, ratio: float) -> None:
     from rich.table import Table
 
     from ._compress import compress, open_index
@@ -58,7 +67,6 @@ def demo_section(console: Any, ratio: float) -> None:
 
     ratio = min(max(float(ratio), 0.05), 1.0)
     console.rule("[bold]colbert: compress an existing multi-vector index of Cranfield (MiniLM token vectors)")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()
     data = demo_subset(load_beir(_data_dir()))
     model = load_encoder("minilm")
