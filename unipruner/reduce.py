@@ -1,8 +1,9 @@
 """What happens to the tokens that do not survive: drop, merge, pool or recycle.
 
 * :func:`drop` gathers the kept tokens (understands ``-1`` padding from ragged selections).
-* :class:`MergePlan` / :func:`merge_wavg` / :func:`merge_source` / :func:`unmerge_from_source`:
-  size-weighted merging with source tracking and dense unmerging (ToMe, Bolya et al. 2023).
+* :class:`MergePlan` / :func:`merge_wavg`: size-weighted merging (ToMe, Bolya et al. 2023); the
+  plan's ``dst`` map is the source tracking (compose it across layers: ``dst2.gather(1, dst1)``)
+  and ``plan.unmerge`` the dense unmerging.
 * :func:`merge_pruned` folds each pruned token into its most similar kept token (EViT-style
   fusion generalised; ToMe's size-weighted mean).
 * :func:`ward_labels`, :func:`ward_cosine_labels` (PyLate's criterion), :func:`kmeans_labels`
@@ -30,14 +31,12 @@ __all__ = [
     "drop",
     "kmeans_labels",
     "merge_pruned",
-    "merge_source",
     "merge_wavg",
     "plan_from_labels",
     "pool",
     "pool_plan",
     "recycle",
     "sequential_labels",
-    "unmerge_from_source",
     "ward_cosine_labels",
     "ward_labels",
 ]
@@ -104,30 +103,6 @@ def merge_wavg(merge: MergeFn | MergePlan, x: Tensor, size: Tensor | None = None
     xs = m(x * size, mode="sum")
     s = m(size, mode="sum")
     return xs / s.clamp(min=torch.finfo(s.dtype).tiny), s
-
-
-def merge_source(merge: MergeFn | MergePlan, x: Tensor, source: Tensor | None = None) -> Tensor:
-    """Track which original tokens each merged token covers (ToMe's source tracking).
-
-    ``source [B, N, N0]`` (``None`` = identity over ``x``'s ``N`` tokens); returns
-    ``[B, n_out, N0]``.
-    """
-    m = merge.merge if isinstance(merge, MergePlan) else merge
-    if source is None:
-        b, n = x.shape[:2]
-        source = torch.eye(n, device=x.device, dtype=x.dtype).unsqueeze(0).expand(b, n, n)
-    return m(source, mode="amax")
-
-
-def unmerge_from_source(y: Tensor, source: Tensor) -> Tensor:
-    """Dense outputs: give each original token the value of the merged token covering it.
-
-    ``y [B, n, C]`` and ``source [B, n, N0]`` -> ``[B, N0, C]``.
-    """
-    if source.shape[:2] != y.shape[:2]:
-        raise UniprunerError(f"source {tuple(source.shape)} does not match tokens {tuple(y.shape)}")
-    owner = source.argmax(dim=1)  # [B, N0]
-    return batched_gather(y, owner)
 
 
 def plan_from_labels(labels: Tensor, n_out: int | None = None) -> MergePlan:

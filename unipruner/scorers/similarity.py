@@ -7,8 +7,8 @@
 
 The two matchers return ``(merge, unmerge)`` closures made by :class:`unipruner._merge.MergePlan`
 (the closures carry it as ``.plan``), so size-weighted merging
-(:func:`unipruner.reduce.merge_wavg`), source tracking (:func:`unipruner.reduce.merge_source`)
-and dense unmerging behave the same as for every other merging method. Matching itself is done
+(:func:`unipruner.reduce.merge_wavg`), source tracking (the plan's ``dst`` map, composed across
+layers) and dense unmerging behave the same as for every other merging method. Matching itself is done
 without gradients (the plan is integer indices); ``merge`` and ``unmerge`` are differentiable
 in their inputs. :func:`dart` is a selector: it returns sorted keep indices like
 :func:`unipruner.select.topk`.
@@ -115,7 +115,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, protected: int = 0,
         input token the value of the slot it went to (``[B, N, ...]``; discarded padding gets
         zeros). Both carry the :class:`~unipruner._merge.MergePlan` as ``.plan``. For ToMe's
         size-weighted average use ``unipruner.reduce.merge_wavg(merge, x, size)``, for source
-        tracking ``unipruner.reduce.merge_source(merge, x, source)``. ``r == 0`` (after the
+        tracking ``merge.plan.dst`` (composed across layers). ``r == 0`` (after the
         caps) gives the identity plan whatever ``keep_order`` is.
 
     Notes
