@@ -35,10 +35,12 @@ def _listed(output: str) -> set[str]:
 
 def test_methods_domain_lists_exactly_what_the_domain_accepts() -> None:
     from unipruner.adapters.colbert import accepted_methods
+    from unipruner.adapters.kv_cache import KV_METHODS
     from unipruner.adapters.rag import SCORERS
     from unipruner.adapters.vit import VIT_METHODS
 
-    for domain, accepted in (("rag", set(SCORERS)), ("colbert", set(accepted_methods())), ("vit", set(VIT_METHODS))):
+    for domain, accepted in (("rag", set(SCORERS)), ("colbert", set(accepted_methods())), ("vit", set(VIT_METHODS)),
+                             ("kv", set(KV_METHODS))):
         result = runner.invoke(app, ["methods", "--domain", domain], env={"COLUMNS": "80"})
         assert result.exit_code == 0, result.output
         assert _listed(result.output) == accepted == {m.name for m in methods(domain=domain)}

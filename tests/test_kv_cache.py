@@ -415,3 +415,18 @@ def test_deprecated_past_key_values_kwarg_is_the_same_cache(llama: transformers.
             outs.append((first.logits[:, -1], second.logits[:, -1], cache.layers[0].k.clone()))
     for a, b in zip(outs[0], outs[1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kv_accepts_exactly_the_registry_kv_methods() -> None:
+    """``unipruner methods --domain kv`` lists what ``kv.patch`` accepts, both ways."""
+    from unipruner.adapters.kv_cache import KV_METHODS
+    from unipruner.adapters.kv_cache._plan import make_plan
+    from unipruner.methods import REGISTRY
+
+    assert set(KV_METHODS) == {m.name for m in unipruner.methods(domain="kv")}
+    for name in REGISTRY:
+        if name in KV_METHODS:
+            assert make_plan(name, 0.5).method.name == name
+        else:
+            with pytest.raises(unipruner.UniprunerError, match=r"does not run on KV caches"):
+                make_plan(name, 0.5)

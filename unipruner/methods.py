@@ -511,7 +511,7 @@ class KCenter(Method):
     name: ClassVar[str] = "kcenter"
     family: ClassVar[str] = "diversity"
     paper: ClassVar[str] = "Gonzalez 1985; ToDRE: Li et al., Beyond Attention or Similarity, 2025"
-    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "colbert")
+    domains: ClassVar[tuple[str, ...]] = ("vit", "vlm", "kv", "colbert")
     summary: ClassVar[str] = "farthest-first traversal starting from the most central token"
 
     def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:

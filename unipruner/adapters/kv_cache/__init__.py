@@ -36,10 +36,11 @@ from ...hosts.hf_attention import SUPPORTED_MODEL_TYPES  # noqa: E402
 from ._demo import demo_prompt, demo_section  # noqa: E402
 from ._generate import Answers, generate, left_pad  # noqa: E402
 from ._patch import KVCompressor, compress, find, patch, unpatch  # noqa: E402
-from ._plan import Plan  # noqa: E402
+from ._plan import KV_METHODS, Plan  # noqa: E402
 from ._stats import KVStats, LayerStats, stats  # noqa: E402
 
 __all__ = [
+    "KV_METHODS",
     "SUPPORTED_MODEL_TYPES",
     "Answers",
     "CompressedCache",

@@ -12,11 +12,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import UniprunerError
-from ...methods import H2O, TOVA, VATP, LastQueryAttention, MergingMethod, Method, ScoringMethod, SnapKV, StreamingLLM
+from ...methods import (
+    H2O,
+    REGISTRY,
+    TOVA,
+    VATP,
+    LastQueryAttention,
+    MergingMethod,
+    Method,
+    ScoringMethod,
+    SnapKV,
+    StreamingLLM,
+)
 from ...methods import method as build_method
 from ...select import Budget
 
-__all__ = ["Plan", "make_plan", "replan"]
+__all__ = ["KV_METHODS", "Plan", "make_plan", "replan"]
+
+#: Registry methods the KV adapter runs: exactly those whose domains include "kv" (``unipruner methods --domain kv``).
+KV_METHODS: tuple[str, ...] = tuple(sorted(n for n, c in REGISTRY.items() if "kv" in c.domains))
 
 _SIGNALS = frozenset({"attn", "keys", "values"})
 _POLICIES = {H2O: "accumulate", TOVA: "replace", StreamingLLM: "positional"}
@@ -92,6 +106,11 @@ def make_plan(method: str | Method, ratio: float | None = None, *, keep: int | N
         m = build_method(method, budget, ratio=ratio, keep=keep, **params)
     else:
         raise UniprunerError(f"method must be a registry name or a unipruner Method, got {type(method).__name__}")
+    if "kv" not in m.domains:
+        raise UniprunerError(
+            f"method {m.name!r} does not run on KV caches; the kv methods are {', '.join(KV_METHODS)} "
+            "(`unipruner methods --domain kv`)"
+        )
     if isinstance(m, MergingMethod) or m.reduction != "drop":
         raise UniprunerError(
             f"method {m.name!r} merges tokens; the KV adapter evicts cache entries (reduction='drop'). "
