@@ -106,11 +106,6 @@ def make_plan(method: str | Method, ratio: float | None = None, *, keep: int | N
         m = build_method(method, budget, ratio=ratio, keep=keep, **params)
     else:
         raise UniprunerError(f"method must be a registry name or a unipruner Method, got {type(method).__name__}")
-    if "kv" not in m.domains:
-        raise UniprunerError(
-            f"method {m.name!r} does not run on KV caches; the kv methods are {', '.join(KV_METHODS)} "
-            "(`unipruner methods --domain kv`)"
-        )
     if isinstance(m, MergingMethod) or m.reduction != "drop":
         raise UniprunerError(
             f"method {m.name!r} merges tokens; the KV adapter evicts cache entries (reduction='drop'). "
@@ -124,6 +119,11 @@ def make_plan(method: str | Method, ratio: float | None = None, *, keep: int | N
             f"{sorted(_SIGNALS)} (keys and values per KV head, attention rows from the hook)"
         )
     rows = _rows_for(m)
+    if "kv" not in m.domains:
+        raise UniprunerError(
+            f"method {m.name!r} does not run on KV caches; the kv methods are {', '.join(KV_METHODS)} "
+            "(`unipruner methods --domain kv`)"
+        )
     if m.budget.ratio is not None and not 0.0 < float(m.budget.ratio) <= 1.0:
         raise UniprunerError(f"the budget keeps a fraction in (0, 1], got {m.budget.ratio}")
     if m.budget.keep is not None and m.budget.keep < 1:
