@@ -980,6 +980,24 @@ class SelfInformation(TextMethod):
     summary: ClassVar[str] = "-log p(token | question, context before it)"
 
 
+@dataclass(frozen=True)
+class Multihop(TextMethod):
+    """Structure-aware: documents whose title is in the question (hop 1) or in a hop-1 document (hop 2), then BM25."""
+
+    name: ClassVar[str] = "multihop"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = ("Fang et al., Hierarchical Graph Network for Multi-hop QA, EMNLP 2020 (title-based "
+                            "paragraph selection); Xiong et al., Multi-Hop Dense Retrieval, ICLR 2021")
+    domains: ClassVar[tuple[str, ...]] = ("rag",)
+    summary: ClassVar[str] = "question/bridge title match per document, then lead sentence and BM25 per unit"
+    hop_weight: float = 2.0
+    bridge_weight: float = 1.5
+    doc_weight: float = 2.0
+    lead_bonus: float = 1.0
+    k1: float = 1.5
+    b: float = 0.75
+
+
 # ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
@@ -991,7 +1009,7 @@ _CLASSES: tuple[type[Method], ...] = (
     WardCosinePool, SequentialPool, First, Duplicates, Centroid, Stopwords,  # ColBERT
     ZeroTPrune, GPrune,
     DivPrune, KCenter, MMR,
-    BM25, Hybrid, FocalAttention, SelfInformation,
+    BM25, Hybrid, FocalAttention, SelfInformation, Multihop,
 )
 
 REGISTRY: Mapping[str, type[Method]] = MappingProxyType({c.name: c for c in _CLASSES})

@@ -33,7 +33,8 @@ _WORDPIECE = re.compile(r"\w+|[^\w\s]")
 #: (questions 100-249 of ``hotpotqa_distractor_dev250``; ``benchmarks/rag.py --start 100``): the
 #: embedding scorer's 4x answer survival is 0.90 at 0.25 vs 0.86 at 0.5; BM25 is flat in it and
 #: the hybrid scorer is best at 0.5.
-DEFAULT_CONTEXT_WEIGHT: dict[str, float] = {"query_similarity": 0.25}
+DEFAULT_CONTEXT_WEIGHT: dict[str, float] = {"query_similarity": 0.25, "multihop": 0.0}
+# (``multihop`` scores documents itself: its unit scores already hold the document score)
 
 
 class TokenCounter:
@@ -199,6 +200,12 @@ def _documents(documents: object) -> tuple[list[str], list[dict[str, Any]]]:
     return texts, metas
 
 
+def _title(meta: Mapping[str, Any]) -> str | None:
+    """A document's title for scorers that use titles: ``metadata["title"]`` when a non-empty str."""
+    t = meta.get("title")
+    return t if isinstance(t, str) and t.strip() else None
+
+
 def _standardise(x: Tensor) -> Tensor:
     """Zero mean, unit variance (a constant vector becomes zeros)."""
     if x.numel() < 2:
@@ -328,6 +335,7 @@ class ContextPruner:
         self.strict = bool(strict)
         self.counter = TokenCounter(tokenizer)
         self._embedder: EmbeddingScorer | None = None
+        self._titles: list[str | None] = []
 
     def __repr__(self) -> str:
         return (f"ContextPruner(scorer={self.scorer.name!r}, budget={self.budget!r}, "
@@ -344,6 +352,7 @@ class ContextPruner:
         for t, sp in zip(texts, spans, strict=True):
             lengths.append(torch.tensor(self.counter.counts([t[s:e] for s, e in sp]), dtype=torch.long))
         t0 = time.perf_counter()
+        self._titles = [_title(m) for m in metas]
         flat = self._score_once(query, texts, spans, lengths)
         if self.feedback:
             units = [t[s:e] for t, sp in zip(texts, spans, strict=True) for s, e in sp]
@@ -378,6 +387,9 @@ class ContextPruner:
         return self.select(self.score(query, documents), budget)
 
     def _raw(self, query: str, texts: list[str], spans: list[list[tuple[int, int]]]) -> Tensor:
+        if getattr(self.scorer, "uses_titles", False):  # e.g. multihop: titles from metadata["title"]
+            titles = self._titles if len(self._titles) == len(texts) else None
+            return self._check(self.scorer.score(query, texts, spans, titles=titles), spans)  # type: ignore[call-arg]
         return self._check(self.scorer.score(query, texts, spans), spans)
 
     def _check(self, scores: Sequence[Tensor], spans: list[list[tuple[int, int]]]) -> Tensor:

@@ -59,7 +59,11 @@ class Scorer(Protocol):
     name: str
 
     def score(self, query: str, texts: Sequence[str], spans: Spans) -> list[Tensor]:
-        """One float tensor ``[n_units_d]`` per document (higher = keep)."""
+        """One float tensor ``[n_units_d]`` per document (higher = keep).
+
+        A scorer with ``uses_titles = True`` also takes ``titles=`` (one ``str`` or ``None`` per
+        document: ``metadata["title"]``), which ContextPruner then passes; others never get it.
+        """
         ...
 
 
@@ -736,6 +740,13 @@ def _embedding(m: Method) -> Scorer:
     return EmbeddingScorer()
 
 
+def _multihop(m: Any) -> Scorer:
+    from ._multihop import MultihopScorer  # it builds on BM25Scorer (this module)
+
+    return MultihopScorer(hop_weight=m.hop_weight, bridge_weight=m.bridge_weight, doc_weight=m.doc_weight,
+                          lead_bonus=m.lead_bonus, k1=m.k1, b=m.b)
+
+
 #: The registry methods ``unipruner.rag`` runs, by name, each with the scorer that implements it here
 #: (``unipruner methods --domain rag`` lists exactly these; ``mmr`` is ``query_similarity`` scores
 #: with MMR selection, see :class:`~unipruner.adapters.rag.ContextPruner`'s ``diversity``).
@@ -749,6 +760,7 @@ SCORERS: Mapping[str, Callable[[Any], Scorer]] = MappingProxyType({
         layers=None if m.layers is None else list(m.layers), answer_prefix=m.answer_prefix),
     "self_information": lambda m: SelfInformationScorer(),
     "random": lambda m: RandomScorer(seed=m.seed),
+    "multihop": _multihop,
 })
 
 #: Names this adapter used before the one registry (a clear error says the new name).
