@@ -58,9 +58,60 @@ def load(name: str, n: int, seed: int = 0, start: int = 0) -> list[dict[str, Any
     items = []
     for r in recs:
         docs = [{"text": f"{c['title']}. {c['text']}" if name == "hotpotqa" else c["text"],
-                 "metadata": {"gold": bool(c.get("is_gold", True))}} for c in r["contexts"]]
+                 "metadata": {"gold": bool(c.get("is_gold", True)),
+                              **({"title": c["title"]} if name == "hotpotqa" else {})}} for c in r["contexts"]]
         items.append({"question": r["question"], "answers": r["answers"], "docs": docs})
     return items
+
+
+def single_hop(n: int, start: int = 0, seed: int = 0, k: int = 9) -> list[dict[str, Any]]:
+    """The single-hop check: a SQuAD v1.1 dev question's paragraph among its ``k`` BM25-nearest
+    paragraphs of *other* articles (lexical distractors fool lexical scorers), shuffled (seeded).
+
+    Questions ``start .. start + n`` of a seeded permutation of the SQuAD dev questions (``--start
+    100`` = the dev split, as for HotpotQA). Paragraphs carry no title (the lead-entity path of
+    ``multihop``). BM25 (k1 = 1.5, b = 0.75) over all unique dev paragraphs, in plain Python.
+    """
+    import math
+    import re
+
+    with gzip.open(shared_data("qa", "squad_v1.1_dev.jsonl.gz"), "rt", encoding="utf-8") as f:
+        recs = [json.loads(x) for x in f]
+    paras: dict[str, str] = {}  # text -> article title
+    for r in recs:
+        for c in r["contexts"]:
+            paras.setdefault(c["text"], c["title"])
+    texts = list(paras)
+    words = [re.findall(r"\w+", t.lower()) for t in texts]
+    lens = [len(w) for w in words]
+    avg = sum(lens) / len(lens)
+    post: dict[str, dict[int, int]] = {}
+    for i, ws in enumerate(words):
+        for w in ws:
+            post.setdefault(w, {}).setdefault(i, 0)
+            post[w][i] += 1
+    order = random.Random(seed).sample(range(len(recs)), len(recs))[start:start + n]
+    items = []
+    for qi in order:
+        r = recs[qi]
+        gold_text, gold_title = r["contexts"][0]["text"], r["contexts"][0]["title"]
+        sc: dict[int, float] = {}
+        for w in set(re.findall(r"\w+", r["question"].lower())):
+            p = post.get(w, {})
+            idf = math.log(1 + (len(texts) - len(p) + 0.5) / (len(p) + 0.5))
+            for i, tf in p.items():
+                sc[i] = sc.get(i, 0.0) + idf * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * lens[i] / avg))
+        near = [i for i in sorted(sc, key=lambda i: (-sc[i], i)) if paras[texts[i]] != gold_title][:k]
+        docs = [{"text": gold_text, "metadata": {"gold": True}}]
+        docs += [{"text": texts[i], "metadata": {"gold": False}} for i in near]
+        random.Random(seed + qi).shuffle(docs)
+        items.append({"question": r["question"], "answers": r["answers"], "docs": docs})
+    return items
+
+
+def yes_no(answers: list[str]) -> bool:
+    """A yes/no question (its answer string is in almost any context, so survival says nothing)."""
+    return answers[0].strip().lower() in ("yes", "no")
 
 
 class OracleScorer:
@@ -127,7 +178,7 @@ def latency(rounds: int = 5) -> None:
         settings.append(("hybrid", 1, "hybrid"))
     except TypeError:
         pass
-    settings += [("bm25", 1, "bm25"), ("bm25", 2, "bm25")]
+    settings += [("bm25", 1, "bm25"), ("bm25", 2, "bm25"), ("multihop", 1, "multihop")]
     rep = Report("rag_latency", ["scorer", "torch threads", "warm ms/query", "CPU ms/query", "rounds"])
     for label, threads, scorer in settings:
         torch.set_num_threads(threads)
@@ -165,6 +216,8 @@ def main() -> None:
                          "(--llmlingua-json still adds the side-by-side table)")
     ap.add_argument("--start", type=int, default=0,
                     help="first HotpotQA question (100 = the dev split used for tuning; no SQuAD, no LLMLingua)")
+    ap.add_argument("--no-single-hop", dest="single_hop", action="store_false",
+                    help="skip the single-hop check (SQuAD question among its 9 BM25-nearest paragraphs)")
     ap.add_argument("--latency", action="store_true",
                     help="only the warm-latency table (demo question, min of 5 runs per scorer setting)")
     args = ap.parse_args()
@@ -175,7 +228,7 @@ def main() -> None:
     command = "python benchmarks/rag.py " + " ".join(sys.argv[1:])
 
     shared_data("qa", "hotpotqa_distractor_dev250.jsonl.gz")  # missing data: one line and exit 1 before the model
-    if args.start == 0:
+    if args.start == 0 or args.single_hop:
         shared_data("qa", "squad_v1.1_dev.jsonl.gz")
 
     from unipruner.models import load_smollm2
@@ -184,6 +237,7 @@ def main() -> None:
     counter = TokenCounter(tok)
     hot = load("hotpotqa", max(args.n, args.lm_n, args.llmlingua_n), start=args.start)
     squad = load("squad", args.n) if args.start == 0 else []
+    one_hop = single_hop(args.n, start=args.start) if args.single_hop else []
     if args.start:
         args.llmlingua_n = 0
         args.llmlingua_json = None
@@ -207,6 +261,7 @@ def main() -> None:
 
     scorers: dict[str, dict[str, Any]] = {
         "random": {"scorer": "random"},
+        "multihop": {"scorer": "multihop"},
         "bm25": {"scorer": "bm25"},
         "bm25+prf": {"scorer": "bm25", "feedback": 1},
         "embedding": {"scorer": "query_similarity"},
@@ -227,19 +282,20 @@ def main() -> None:
         scorers = {k: v for k, v in scorers.items() if k not in lm_scorers}
     dev = "_dev" if args.start else ""
     surv_rows = Report(f"rag_survival{dev}", ["dataset", "scorer", "n", "compression", "achieved", "survival",
-                                              "gold_recall", "ms_per_query", "cpu_ms_per_query"])
+                                              "survival_no_yesno", "gold_recall", "ms_per_query",
+                                              "cpu_ms_per_query"])
     nll_rows = Report("rag_nll", ["scorer", "n", "compression", "achieved", "survival", "answer_nll",
                                   "nll_full"])
     plots: dict[str, tuple[list[float], list[float]]] = {}
     kept_texts: dict[str, list[str]] = {}
     score_seconds: dict[str, float] = {}
-    for ds_name, items in (("hotpotqa", hot[: args.n]), ("squad", squad)):
+    for ds_name, items in (("hotpotqa", hot[: args.n]), ("squad", squad), ("single_hop", one_hop)):
         if not items:
             continue
         answerable = [it for it in items if survived(" ".join(d["text"] for d in it["docs"]), it["answers"])]
         for label in ["oracle", *scorers]:
             subset = answerable[: args.lm_n] if label in lm_scorers else answerable
-            if ds_name == "squad" and label in lm_scorers:
+            if ds_name != "hotpotqa" and label in lm_scorers:
                 continue
             ctxs: list[tuple[dict[str, Any], ScoredContext]] = []
             times, cpu_times = [], []
@@ -261,12 +317,14 @@ def main() -> None:
             for r in RATIOS:
                 res = [(it, pruner.select(c, Budget(ratio=r))) for it, c in ctxs]
                 surv = statistics.mean(survived(p.text(), it["answers"]) for it, p in res)
+                no_yn = [survived(p.text(), it["answers"]) for it, p in res if not yes_no(it["answers"])]
                 gold = statistics.mean(
                     sum(it["docs"][d.index]["metadata"]["gold"] for d in p.documents)
                     / max(1, sum(x["metadata"]["gold"] for x in it["docs"])) for it, p in res)
                 achieved = statistics.mean(p.stats.compression for _, p in res)
                 surv_rows.add(dataset=ds_name, scorer=label, n=len(res), compression=f"{1 / r:.0f}x",
-                              achieved=achieved, survival=surv, gold_recall=gold,
+                              achieved=achieved, survival=surv,
+                              survival_no_yesno=statistics.mean(no_yn) if no_yn else float("nan"), gold_recall=gold,
                               ms_per_query=1e3 * statistics.median(times),
                               cpu_ms_per_query=1e3 * statistics.median(cpu_times))
                 if ds_name == "hotpotqa":

@@ -167,3 +167,12 @@ def test_bad_input() -> None:
     assert [e.shape for e in empty] == [(0,), (1,)]
     # a non-string title in metadata is ignored by the pruner (lead entity instead), never a crash
     ContextPruner("multihop").prune("q?", [{"text": "Some text here.", "metadata": {"title": 3}}])
+
+
+def test_multihop_is_the_default_everywhere() -> None:
+    from unipruner.adapters.rag._plugin import PrunerSettings, make_pruner
+
+    assert ContextPruner().scorer.name == "multihop"
+    assert PrunerSettings().scorer == "multihop" and make_pruner({}).scorer.name == "multihop"
+    r = ContextPruner(budget=0.5).prune(QUESTION, DOCS)  # titles from metadata reach the default scorer
+    assert "Chief of Protocol" in r.text() and r.stats.scorer == "multihop"

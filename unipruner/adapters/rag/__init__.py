@@ -5,7 +5,7 @@ Usage::
     from unipruner import Budget
     from unipruner.adapters.rag import ContextPruner
 
-    pruner = ContextPruner("query_similarity", Budget(ratio=0.25))
+    pruner = ContextPruner(budget=Budget(ratio=0.25))      # the default scorer: "multihop"
     result = pruner.prune(question, [{"text": t, "metadata": m} for t, m in hits])
     print(result.text(), result.stats.ratio)
 
@@ -13,7 +13,9 @@ Usage::
   MMR diversity, forced units, exact ratios; returns :class:`PruneResult`
   (:class:`PrunedDocument` list + :class:`PruneStats`).
 * Methods: the registry's ``rag`` methods (``unipruner methods --domain rag``; :data:`SCORERS`),
-  by name or instance, each run by a scorer here: ``query_similarity`` (:class:`EmbeddingScorer`,
+  by name or instance, each run by a scorer here: ``multihop`` (:class:`MultihopScorer`, the
+  default: question-title and bridge-title document hops, then BM25 units; no model),
+  ``query_similarity`` (:class:`EmbeddingScorer`,
   all-MiniLM-L6-v2), ``focal_attention`` (:class:`FocalAttentionScorer`, AttentionRAG, SmolLM2),
   ``self_information`` (:class:`SelfInformationScorer`, LLMLingua / Selective Context, SmolLM2),
   ``bm25``, ``idf``, ``hybrid``, ``mmr``, ``random``.
@@ -28,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 from ._demo import demo_section
+from ._multihop import MultihopScorer
 from ._pruner import ContextPruner, PrunedDocument, PruneResult, PruneStats, ScoredContext, TokenCounter
 from ._scorers import (
     SCORERS,
@@ -53,6 +56,7 @@ __all__ = [
     "FocalAttentionScorer",
     "HybridScorer",
     "IDFScorer",
+    "MultihopScorer",
     "PruneResult",
     "PruneStats",
     "PrunedDocument",

@@ -73,7 +73,7 @@ def lead_entity(text: str, max_words: int = 6) -> str:
     for m in _LEAD_WORD.finditer(text[:200]):
         raw = m.group()
         w = raw.strip("\"'“”‘’()[],;:")
-        if not w:
+        if not w or raw.startswith(("(", "[")):  # a parenthesis (dates, pronunciations) ends the entity
             break
         if w[0].isupper() or w[0].isdigit():
             words.append(w.rstrip("."))

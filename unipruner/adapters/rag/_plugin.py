@@ -31,7 +31,8 @@ class PrunerSettings:
     Attributes
     ----------
     scorer : str
-        A registry method of the ``rag`` domain (``unipruner methods --domain rag``).
+        A registry method of the ``rag`` domain (``unipruner methods --domain rag``); default
+        ``"multihop"``, as :class:`~unipruner.adapters.rag.ContextPruner`.
     ratio, keep, threshold : budget, one of them (default ``ratio=0.25``)
     granularity, scope, diversity, keep_order, force_keep, strict, context_weight, feedback, lead_weight :
         As for :class:`~unipruner.adapters.rag.ContextPruner`.
@@ -45,7 +46,7 @@ class PrunerSettings:
     Budget(ratio=0.5)
     """
 
-    scorer: str = "query_similarity"
+    scorer: str = "multihop"
     ratio: float | None = None
     keep: int | None = None
     threshold: float | None = None

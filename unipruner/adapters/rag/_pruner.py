@@ -237,10 +237,14 @@ class ContextPruner:
     ----------
     scorer : str, Method or Scorer
         A registry method of the ``rag`` domain, by name or instance (``unipruner methods --domain
-        rag``): ``"query_similarity"`` (default, all-MiniLM-L6-v2 embeddings), ``"bm25"``, ``"idf"``,
+        rag``): ``"multihop"`` (default: question-title and bridge-title document hops, then lead
+        sentence and BM25 units, no model; :class:`~unipruner.adapters.rag.MultihopScorer`),
+        ``"query_similarity"`` (all-MiniLM-L6-v2 embeddings), ``"bm25"``, ``"idf"``,
         ``"hybrid"``, ``"focal_attention"``, ``"self_information"`` (SmolLM2-135M-Instruct),
         ``"mmr"`` (query similarity with MMR selection, ``diversity`` = its ``lambda_``),
-        ``"random"``; or a scorer object.
+        ``"random"``; or a scorer object. The default is the best on the dev split across
+        HotpotQA and the single-hop check (``docs/benchmarks_rag.md``). Titles come from
+        ``metadata["title"]`` when a document has one.
     budget : Budget
         ``Budget(ratio=r)`` (fraction of tokens kept), ``Budget(keep=n)`` (tokens kept),
         ``Budget(threshold=t)`` (units scoring ``>= t``) or ``Budget.auto()`` (units before the
@@ -262,7 +266,8 @@ class ContextPruner:
         Hugging Face tokenizer used to count tokens (default: words and punctuation).
     context_weight : float, optional
         Weight in ``[0, 1]`` of the document's own relevance in each unit's score (default: 0.25
-        for ``query_similarity``, 0.5 for the others; see ``DEFAULT_CONTEXT_WEIGHT``):
+        for ``query_similarity``, 0 for ``multihop``, whose unit scores hold its document score,
+        0.5 for the others; see ``DEFAULT_CONTEXT_WEIGHT``):
         ``(1 - w) z(unit) + w z(document)`` with ``z`` the standardisation over the query's units
         / documents (a hierarchical score, as sentence-in-context rerankers use). The document
         score is the scorer's score of the whole document when the scorer is cheap
@@ -288,7 +293,7 @@ class ContextPruner:
     'Paris is in France.'
     """
 
-    def __init__(self, scorer: str | Method | Scorer = "query_similarity",
+    def __init__(self, scorer: str | Method | Scorer = "multihop",
                  budget: Budget | float | int | None = None, *,
                  granularity: str = "sentence", scope: str = "global", diversity: float | None = None,
                  keep_order: bool = True, force_keep: Sequence[str] = (), strict: bool = True,
