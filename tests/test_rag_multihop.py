@@ -140,9 +140,10 @@ def test_single_hop_and_no_titles_still_work() -> None:
 
 def test_registry_entry_reaches_the_scorer() -> None:
     s = make_scorer(unipruner.method("multihop", hop_weight=1.0, bridge_weight=0.5, doc_weight=2.0,
-                                     lead_bonus=0.0, k1=1.2, b=0.5))
+                                     lead_bonus=0.0, k1=1.2, b=0.5, dense_weight=0.5))
     assert isinstance(s, MultihopScorer)
-    assert (s.hop_weight, s.bridge_weight, s.doc_weight, s.lead_bonus, s.k1, s.b) == (1.0, 0.5, 2.0, 0.0, 1.2, 0.5)
+    assert (s.hop_weight, s.bridge_weight, s.doc_weight, s.lead_bonus, s.k1, s.b, s.dense_weight) == (
+        1.0, 0.5, 2.0, 0.0, 1.2, 0.5, 0.5)
     assert "multihop" in {m.name for m in unipruner.methods(domain="rag")}
 
 
@@ -176,3 +177,25 @@ def test_multihop_is_the_default_everywhere() -> None:
     assert PrunerSettings().scorer == "multihop" and make_pruner({}).scorer.name == "multihop"
     r = ContextPruner(budget=0.5).prune(QUESTION, DOCS)  # titles from metadata reach the default scorer
     assert "Chief of Protocol" in r.text() and r.stats.scorer == "multihop"
+
+
+def test_dense_weight_adds_minilm_similarity() -> None:
+    from unipruner.adapters.rag import EmbeddingScorer
+
+    def z(x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean()) / x.std()
+
+    texts, titles = _no_titles(DOCS), [d["metadata"]["title"] for d in DOCS]
+    spans = [unit_spans(t, "sentence") for t in texts]
+    w = 0.7
+    got = torch.cat(MultihopScorer(dense_weight=w).score(QUESTION, texts, spans, titles=titles))
+    du, dd = EmbeddingScorer().score_with_documents(QUESTION, texts, spans)
+    doc = z(MultihopScorer().document_scores(QUESTION, texts, titles) + w * z(dd))
+    unit = z(torch.cat(BM25Scorer().score(QUESTION, texts, spans))) + w * z(torch.cat(du))
+    sizes = torch.tensor([len(s) for s in spans])
+    lead = torch.zeros(int(sizes.sum()))
+    lead[torch.cumsum(sizes, 0) - sizes] = 1.0
+    assert torch.allclose(got, 2.0 * torch.repeat_interleave(doc, sizes) + unit + lead, atol=1e-5)
+    whole = EmbeddingScorer().score_with_documents(QUESTION, texts, [[(0, len(t))] for t in texts])[1]
+    assert torch.allclose(MultihopScorer(dense_weight=w).document_scores(QUESTION, texts, titles),  # whole texts
+                          MultihopScorer().document_scores(QUESTION, texts, titles) + w * z(whole), atol=1e-5)

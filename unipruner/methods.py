@@ -996,6 +996,7 @@ class Multihop(TextMethod):
     lead_bonus: float = 1.0
     k1: float = 1.5
     b: float = 0.75
+    dense_weight: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------

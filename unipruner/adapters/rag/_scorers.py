@@ -744,7 +744,7 @@ def _multihop(m: Any) -> Scorer:
     from ._multihop import MultihopScorer  # it builds on BM25Scorer (this module)
 
     return MultihopScorer(hop_weight=m.hop_weight, bridge_weight=m.bridge_weight, doc_weight=m.doc_weight,
-                          lead_bonus=m.lead_bonus, k1=m.k1, b=m.b)
+                          lead_bonus=m.lead_bonus, k1=m.k1, b=m.b, dense_weight=m.dense_weight)
 
 
 #: The registry methods ``unipruner.rag`` runs, by name, each with the scorer that implements it here
