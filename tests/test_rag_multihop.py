@@ -199,3 +199,12 @@ def test_dense_weight_adds_minilm_similarity() -> None:
     whole = EmbeddingScorer().score_with_documents(QUESTION, texts, [[(0, len(t))] for t in texts])[1]
     assert torch.allclose(MultihopScorer(dense_weight=w).document_scores(QUESTION, texts, titles),  # whole texts
                           MultihopScorer().document_scores(QUESTION, texts, titles) + w * z(whole), atol=1e-5)
+
+
+def test_a_heading_first_unit_passes_the_lead_bonus_on() -> None:
+    texts = ["Shirley Temple. Shirley Temple was an actress. She held a post.", "No heading here at all today. Second."]
+    spans = [unit_spans(t, "sentence") for t in texts]
+    with_lead = MultihopScorer(lead_bonus=1.0).score("Who was Shirley Temple?", texts, spans)
+    without = MultihopScorer(lead_bonus=0.0).score("Who was Shirley Temple?", texts, spans)
+    diff = [(a - b).tolist() for a, b in zip(with_lead, without, strict=True)]
+    assert diff[0] == pytest.approx([1.0, 1.0, 0.0], abs=1e-5) and diff[1] == pytest.approx([1.0, 0.0], abs=1e-5)

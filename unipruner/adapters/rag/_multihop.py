@@ -18,7 +18,8 @@ NeurIPS 2021, condense the first hop into the second hop's query):
 4. units: the document score dominates (``doc_weight``), so the greedy packing of
    :class:`~unipruner.adapters.rag.ContextPruner` spends the budget on few whole documents in
    document order instead of slivers of many; within a document the lead sentence comes first
-   (``lead_bonus``), then the units by BM25.
+   (``lead_bonus``; also the second unit when the first is a heading of at most 6 words, e.g. a
+   "Title." prefix), then the units by BM25.
 
 No model: a prune of 10 paragraphs takes a few milliseconds at one thread.
 """
@@ -46,6 +47,8 @@ these those de la le du von van der den di da el del who what which when where w
 _CONNECT = frozenset({"of", "the", "de", "la", "le", "du", "von", "van", "der", "den", "di", "da", "and", "&",
                       "for", "in", "on", "del", "el"})
 _LEAD_WORD = re.compile(r"[^\s]+")
+#: a first unit of at most this many words is a heading, not the lead sentence
+_HEADING_WORDS = 6
 
 
 def normalise_title(title: str) -> list[str]:
@@ -273,5 +276,10 @@ class MultihopScorer:
         starts = torch.cumsum(sizes, 0) - sizes
         lead = torch.zeros(int(sizes.sum()))
         lead[starts[sizes > 0]] = 1.0
+        # a first unit of a few words is a heading ("Title." prefixed to the text): the lead is the next one too
+        first_words = torch.tensor([len(_WORD.findall(t[sp[0][0]:sp[0][1]])) if sp else 0
+                                    for t, sp in zip(texts, spans, strict=True)])
+        heading = (sizes > 1) & (first_words > 0) & (first_words <= _HEADING_WORDS)
+        lead[starts[heading] + 1] = 1.0
         flat = self.doc_weight * torch.repeat_interleave(doc, sizes) + unit + self.lead_bonus * lead
         return list(torch.split(flat, sizes.tolist()))
