@@ -202,7 +202,8 @@ def test_dense_weight_adds_minilm_similarity() -> None:
 
 
 def test_a_heading_first_unit_passes_the_lead_bonus_on() -> None:
-    texts = ["Shirley Temple. Shirley Temple was an actress. She held a post.", "No heading here at all today. Second."]
+    texts = ["Shirley Temple. Shirley Temple was an actress. She held a post.",
+             "No heading here: this first sentence is long enough. Second."]
     spans = [unit_spans(t, "sentence") for t in texts]
     with_lead = MultihopScorer(lead_bonus=1.0).score("Who was Shirley Temple?", texts, spans)
     without = MultihopScorer(lead_bonus=0.0).score("Who was Shirley Temple?", texts, spans)
