@@ -209,3 +209,20 @@ def test_a_heading_first_unit_passes_the_lead_bonus_on() -> None:
     without = MultihopScorer(lead_bonus=0.0).score("Who was Shirley Temple?", texts, spans)
     diff = [(a - b).tolist() for a, b in zip(with_lead, without, strict=True)]
     assert diff[0] == pytest.approx([1.0, 1.0, 0.0], abs=1e-5) and diff[1] == pytest.approx([1.0, 0.0], abs=1e-5)
+
+
+def test_scorer_options_reach_the_scorer_from_every_plugin() -> None:
+    from unipruner.adapters.rag._plugin import PrunerSettings, make_pruner
+    from unipruner.adapters.rag.haystack import UniprunerContextPruner
+    from unipruner.adapters.rag.langchain import UniprunerCompressor
+    from unipruner.adapters.rag.llamaindex import UniprunerPostprocessor
+
+    opts = {"doc_weight": 3.5, "lead_bonus": 0.5}
+    for make in (UniprunerCompressor, UniprunerPostprocessor, UniprunerContextPruner):
+        pruner = make(scorer_options=opts).pruner  # the default scorer, multihop, with these options
+        assert (pruner.scorer.name, pruner.scorer.doc_weight, pruner.scorer.lead_bonus) == ("multihop", 3.5, 0.5)
+    assert PrunerSettings.from_mapping({"scorer_options": opts}).to_dict()["scorer_options"] == opts
+    with pytest.raises(UniprunerError, match="has no parameter"):
+        make_pruner({"scorer_options": {"doc_wieght": 1.0}})
+    with pytest.raises(UniprunerError, match="must be a mapping"):
+        make_pruner({"scorer_options": [1, 2]})

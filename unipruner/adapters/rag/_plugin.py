@@ -39,6 +39,10 @@ class PrunerSettings:
     tokenizer : str, optional
         A local Hugging Face tokenizer directory used to count tokens (loaded offline with
         ``AutoTokenizer.from_pretrained(path, local_files_only=True)``); default words and punctuation.
+    scorer_options : dict, optional
+        Parameters of the scorer's registry method, e.g. ``{"doc_weight": 3.0}`` for ``multihop``
+        (``unipruner.method(scorer, **scorer_options)``; an unknown name is an error listing the
+        known ones).
 
     Examples
     --------
@@ -60,6 +64,7 @@ class PrunerSettings:
     feedback: int = 0
     lead_weight: float = 0.0
     tokenizer: str | None = None
+    scorer_options: dict[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PrunerSettings:
@@ -74,6 +79,11 @@ class PrunerSettings:
             data["force_keep"] = (fk,) if isinstance(fk, str) else tuple(fk)
         else:
             data.pop("force_keep", None)
+        if data.get("scorer_options") is not None:
+            opts = data["scorer_options"]
+            if not isinstance(opts, Mapping):
+                raise UniprunerError(f"scorer_options must be a mapping, got {type(opts).__name__}")
+            data["scorer_options"] = dict(opts)
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +126,10 @@ def _tokenizer(path: str | None) -> Any:
 def make_pruner(settings: PrunerSettings | Mapping[str, Any], scorer: Any = None) -> ContextPruner:
     """A ContextPruner from the plugins' serialisable settings."""
     s = settings if isinstance(settings, PrunerSettings) else PrunerSettings.from_mapping(settings)
+    if scorer is None and s.scorer_options:
+        from ...methods import method
+
+        scorer = method(s.scorer, **s.scorer_options)
     return ContextPruner(
         scorer if scorer is not None else s.scorer, s.budget(),
         granularity=s.granularity, scope=s.scope, diversity=s.diversity, keep_order=s.keep_order,
