@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import ROOT, Report, plot, shared_data
 
+import unipruner
 from unipruner import Budget
 from unipruner.adapters.rag import ContextPruner, ScoredContext
 from unipruner.adapters.rag._pruner import TokenCounter
@@ -262,6 +263,8 @@ def main() -> None:
     scorers: dict[str, dict[str, Any]] = {
         "random": {"scorer": "random"},
         "multihop": {"scorer": "multihop"},
+        "multihop+minilm1.0": {"scorer": unipruner.method("multihop", dense_weight=1.0)},
+        "multihop+minilm0.5": {"scorer": unipruner.method("multihop", dense_weight=0.5)},
         "bm25": {"scorer": "bm25"},
         "bm25+prf": {"scorer": "bm25", "feedback": 1},
         "embedding": {"scorer": "query_similarity"},
