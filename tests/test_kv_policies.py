@@ -106,7 +106,7 @@ def test_eviction_properties(seed: int, s: int, n_protected: int, recent: int) -
     for r in range(b):
         for k in range(h):
             idx = [j for j in range(s) if valid[r, k, j]]
-            forced = set(idx[:n_protected]) | set(idx[len(idx) - recent:] if recent else [])
+            forced = set(idx[:n_protected]) | set(idx[max(len(idx) - recent, 0):] if recent else [])
             forced |= {j for j in idx if scores[r, k, j] == math.inf}
             assert all(keep[r, k, j] for j in forced)
             evicted = [float(scores[r, k, j]) for j in idx if not keep[r, k, j]]

@@ -32,8 +32,8 @@ from __future__ import annotations
 from ._demo import demo_section
 from ._multihop import MultihopScorer
 from ._pruner import ContextPruner, PrunedDocument, PruneResult, PruneStats, ScoredContext, TokenCounter
+from ._registry import SCORERS, make_scorer
 from ._scorers import (
-    SCORERS,
     BM25Scorer,
     EmbeddingScorer,
     FocalAttentionScorer,
@@ -43,7 +43,6 @@ from ._scorers import (
     Scorer,
     SelfInformationScorer,
     aggregate_spans,
-    make_scorer,
     rrf,
 )
 from ._split import split_sentences, split_units, unit_spans

@@ -22,7 +22,8 @@ from ...errors import UniprunerError
 from ...methods import MMR, Method
 from ...scorers.diversity import mmr
 from ...select import Budget, knee_count
-from ._scorers import EmbeddingScorer, Scorer, make_scorer
+from ._registry import make_scorer
+from ._scorers import EmbeddingScorer, Scorer
 from ._split import GRANULARITIES, unit_spans
 
 __all__ = ["ContextPruner", "PruneResult", "PruneStats", "PrunedDocument", "ScoredContext", "TokenCounter"]

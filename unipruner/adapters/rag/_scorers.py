@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -29,13 +28,10 @@ from torch import Tensor
 
 from ..._threads import limit_threads
 from ...errors import UniprunerError
-from ...methods import Method
-from ...methods import method as make_method
 from ...models import load_minilm, load_smollm2, require
 from ...scorers.importance import idf, idf_table, query_attention, query_similarity
 
 __all__ = [
-    "SCORERS",
     "BM25Scorer",
     "EmbeddingScorer",
     "FocalAttentionScorer",
@@ -45,7 +41,6 @@ __all__ = [
     "Scorer",
     "SelfInformationScorer",
     "aggregate_spans",
-    "make_scorer",
     "rrf",
 ]
 
@@ -734,68 +729,3 @@ class SelfInformationScorer(_LMBase):
         logp = torch.log_softmax(logits[:-1], dim=-1)
         surprisal = torch.cat([torch.zeros(1), -logp.gather(1, ids[0, 1:, None])[:, 0]])
         return _per_document(surprisal, local, doc, spans, "mean")
-
-
-def _embedding(m: Method) -> Scorer:
-    return EmbeddingScorer()
-
-
-def _multihop(m: Any) -> Scorer:
-    from ._multihop import MultihopScorer  # it builds on BM25Scorer (this module)
-
-    return MultihopScorer(hop_weight=m.hop_weight, bridge_weight=m.bridge_weight, doc_weight=m.doc_weight,
-                          lead_bonus=m.lead_bonus, k1=m.k1, b=m.b, dense_weight=m.dense_weight)
-
-
-#: The registry methods ``unipruner.rag`` runs, by name, each with the scorer that implements it here
-#: (``unipruner methods --domain rag`` lists exactly these; ``mmr`` is ``query_similarity`` scores
-#: with MMR selection, see :class:`~unipruner.adapters.rag.ContextPruner`'s ``diversity``).
-SCORERS: Mapping[str, Callable[[Any], Scorer]] = MappingProxyType({
-    "query_similarity": _embedding,
-    "mmr": _embedding,
-    "bm25": lambda m: BM25Scorer(k1=m.k1, b=m.b),
-    "idf": lambda m: IDFScorer(),
-    "hybrid": lambda m: HybridScorer(k=m.k),
-    "focal_attention": lambda m: FocalAttentionScorer(
-        layers=None if m.layers is None else list(m.layers), answer_prefix=m.answer_prefix),
-    "self_information": lambda m: SelfInformationScorer(),
-    "random": lambda m: RandomScorer(seed=m.seed),
-    "multihop": _multihop,
-})
-
-#: Names this adapter used before the one registry (a clear error says the new name).
-_RENAMED = {"embedding": "query_similarity"}
-
-
-def make_scorer(scorer: str | Method | Scorer) -> Scorer:
-    """The scorer for a registry method (name or instance) of the ``rag`` domain, or a scorer object.
-
-    Names: ``query_similarity`` (all-MiniLM-L6-v2 embeddings), ``bm25``, ``idf``, ``hybrid``,
-    ``focal_attention``, ``self_information`` (SmolLM2), ``mmr``, ``random`` — the methods of
-    ``unipruner.methods(domain="rag")``.
-
-    >>> make_scorer("bm25").name
-    'bm25'
-    >>> import unipruner
-    >>> make_scorer(unipruner.method("bm25", k1=1.2)).k1
-    1.2
-    """
-    if isinstance(scorer, str):
-        if scorer in _RENAMED:
-            raise UniprunerError(f"the RAG scorer {scorer!r} is now {_RENAMED[scorer]!r} (its registry name)")
-        if scorer not in SCORERS:
-            raise UniprunerError(
-                f"unknown scorer {scorer!r} (not a RAG method); choose one of {sorted(SCORERS)} "
-                "(`unipruner methods --domain rag`) or pass a Scorer")
-        scorer = make_method(scorer)
-    if isinstance(scorer, Method):
-        if scorer.name not in SCORERS:
-            raise UniprunerError(
-                f"method {scorer.name!r} does not run on RAG contexts; choose one of {sorted(SCORERS)}")
-        return SCORERS[scorer.name](scorer)
-    if not isinstance(scorer, Scorer):
-        raise UniprunerError(
-            "scorer must be a registry method (name or instance) or an object with .name and "
-            f".score(query, texts, spans), got {type(scorer).__name__}"
-        )
-    return scorer
