@@ -1,8 +1,8 @@
 """The ``unipruner demo`` RAG section: a HotpotQA question and its 10 paragraphs, pruned.
 
-The record is HotpotQA dev (distractor setting) question ``5ab6d09255429954757d337d``, copied
-from ``shared/data/qa/hotpotqa_distractor_dev250.jsonl.gz`` (Yang et al., EMNLP 2018;
-CC BY-SA 4.0) so the demo needs no data download.
+The record is HotpotQA dev (distractor setting) question ``5ab6d09255429954757d337d`` (Yang et
+al., EMNLP 2018; CC BY-SA 4.0), copied into this module from the project's evaluation set
+``hotpotqa_distractor_dev250.jsonl.gz``, so the demo reads nothing outside the package.
 """
 
 from __future__ import annotations
