@@ -36,6 +36,15 @@ def test_method_parameters_reach_the_scorer() -> None:
     assert (focal.layers, focal.answer_prefix) == ([2, 3], "A:")
 
 
+def test_registry_defaults_are_the_scorers_defaults() -> None:
+    """A scorer built from its registry method equals the scorer built with its own defaults."""
+    from unipruner.adapters.rag import BM25Scorer, HybridScorer, MultihopScorer, RandomScorer
+
+    for name, cls in (("bm25", BM25Scorer), ("random", RandomScorer), ("multihop", MultihopScorer)):
+        assert make_scorer(name) == cls(), name
+    assert make_scorer("hybrid").k == HybridScorer(lexical=object(), dense=object()).k
+
+
 def test_old_name_and_tensor_use_say_what_to_do() -> None:
     with pytest.raises(UniprunerError, match="now 'query_similarity'"):
         ContextPruner("embedding")

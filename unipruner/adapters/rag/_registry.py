@@ -5,6 +5,7 @@ Its own module so that it can import every scorer module (``_scorers``, ``_multi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -31,9 +32,17 @@ def _embedding(m: Method) -> Scorer:
     return EmbeddingScorer()
 
 
-def _multihop(m: Any) -> Scorer:
-    return MultihopScorer(hop_weight=m.hop_weight, bridge_weight=m.bridge_weight, doc_weight=m.doc_weight,
-                          lead_bonus=m.lead_bonus, k1=m.k1, b=m.b, dense_weight=m.dense_weight)
+#: fields every registry method has (budget, protected, reduction): the pruner's business, not the scorer's
+_BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(Method))
+
+
+def _with_params(cls: Callable[..., Scorer]) -> Callable[[Any], Scorer]:
+    """A factory passing the method's own parameters to the scorer of the same parameters."""
+
+    def build(m: Any) -> Scorer:
+        return cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _BASE_FIELDS})
+
+    return build
 
 
 #: The registry methods ``unipruner.rag`` runs, by name, each with the scorer that implements it here
@@ -42,14 +51,14 @@ def _multihop(m: Any) -> Scorer:
 SCORERS: Mapping[str, Callable[[Any], Scorer]] = MappingProxyType({
     "query_similarity": _embedding,
     "mmr": _embedding,
-    "bm25": lambda m: BM25Scorer(k1=m.k1, b=m.b),
+    "bm25": _with_params(BM25Scorer),
     "idf": lambda m: IDFScorer(),
-    "hybrid": lambda m: HybridScorer(k=m.k),
+    "hybrid": _with_params(HybridScorer),
     "focal_attention": lambda m: FocalAttentionScorer(
         layers=None if m.layers is None else list(m.layers), answer_prefix=m.answer_prefix),
     "self_information": lambda m: SelfInformationScorer(),
-    "random": lambda m: RandomScorer(seed=m.seed),
-    "multihop": _multihop,
+    "random": _with_params(RandomScorer),
+    "multihop": _with_params(MultihopScorer),
 })
 
 #: Names this adapter used before the one registry (a clear error says the new name).
