@@ -25,6 +25,7 @@ _ADAPTERS: dict[str, str] = {
     "vit": "unipruner.adapters.vit",
     "rag": "unipruner.adapters.rag",
     "colbert": "unipruner.adapters.colbert",
+    "vlm": "unipruner.adapters.vlm",
 }
 
 

@@ -1,0 +1,754 @@
+"""Per-instance hooks that prune the visual tokens of a Hugging Face VLM (the ``vlm`` handle).
+
+Hooks, all on *this* model's modules and registered through
+:meth:`~unipruner.hosts.patching.PatchHandle.add_hook` (so :func:`find` finds the handle, and
+:meth:`VLMHandle.unpatch` removes them exactly):
+
+* the multimodal body (``model.model``): a pre-hook starts the per-call state (the
+  ``input_ids`` that say where the image placeholders are, ``image_grid_thw``), a post-hook
+  publishes what the call kept;
+* the language model: a pre-hook swaps ``generate()``'s empty cache for a
+  :class:`~unipruner.hosts.cache.CompressedCache` (logical vs stored length), runs the
+  ``input`` stage at prefill — the kept rows of ``inputs_embeds``, their **original** position
+  ids (1-D or M-RoPE rows, gathered, never recomputed), a mask of the packed layout, Qwen3-VL's
+  deepstack inputs — and, while decoding, builds the mask of the stored slots; a post-hook sets
+  every layer's logical length;
+* decoder layers: layer ``K`` of an ``llm`` stage prunes the hidden states entering it (scored
+  with attention rows of layer ``K - 1``, recomputed from the queries and keys captured by a
+  pre-hook on that layer's attention, :mod:`unipruner.hosts.hf_attention`), and the layers after
+  it receive the pruned mask and rotary embeddings; their KV cache is shorter than that of the
+  layers before ``K``, and their decode-time masks follow their own stored slots.
+
+Per-call state lives in a :class:`contextvars.ContextVar` (one forward) and in the per-call
+cache (across ``generate()`` steps), never on the handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+from ...errors import UniprunerError
+from ...hosts.cache import CompressedCache, CompressedLayer, Step
+from ...hosts.hf_attention import AttentionLayer, attention_layers, attention_rows, keys
+from ...hosts.masks import stored_slot_mask
+from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
+from ...methods import Method, ScoringMethod
+from ...select import Budget, topk
+from ._hosts import find_host, runs
+from ._layout import Blocks, Packed, blocks, gather_last, pack, row_query
+from ._settings import Stage, VLMSettings, make_settings
+from ._stats import StageStats, VLMStats
+
+__all__ = ["VLMHandle", "find", "patch", "unpatch"]
+
+
+@dataclass
+class _Seq:
+    """The sequence the language model is running on (original, or packed after a stage)."""
+
+    visual: Tensor  # [B, S] bool: visual slots
+    group: Tensor  # [B, S] long: block (image) of each visual slot, -1 elsewhere
+    valid: Tensor  # [B, S] bool
+    positions: Tensor  # [B, S] or [R, B, S] long: position ids as the layers use them
+    packed: bool = False
+
+
+@dataclass
+class _Call:
+    """State of one forward through the body (a ContextVar value)."""
+
+    settings: VLMSettings
+    inputs: dict[str, Any]
+    token: Any = None
+    seq: _Seq | None = None
+    cache: CompressedCache | None = None
+    mask: Any = None  # the attention mask of the packed sequence (prefill), for layers after a stage
+    pe: tuple[Tensor, Tensor] | None = None  # their rotary embeddings
+    first_pruned: int | None = None
+    captured: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    previous: dict[int, Tensor] = field(default_factory=dict)
+    stats: list[StageStats] = field(default_factory=list)
+    seq_before: list[int] = field(default_factory=list)
+    logical: int | None = None  # the cache's logical length after this forward
+
+
+class VLMHandle(PatchHandle):
+    """A VLM patched for visual-token pruning (returned by :func:`patch`; a context manager).
+
+    Attributes
+    ----------
+    model : transformers.PreTrainedModel
+    host : VLMHost
+        What the adapter found in the model (language model, decoder layers, image token).
+    """
+
+    domain = "vlm"
+
+    def __init__(self, model: Any, settings: VLMSettings) -> None:
+        host = find_host(model)
+        impl = getattr(host.language_model.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            raise UniprunerError(
+                f"attention implementation {impl!r} is not supported (the adapter builds the masks of pruned "
+                "sequences); use 'sdpa' or 'eager' (model.set_attn_implementation('sdpa'))"
+            )
+        super().__init__(model, settings)
+        self.host = host
+        self._eager = impl == "eager"
+        specs, _ = attention_layers(host.language_model, host.language_model, sliding=True)
+        self._specs: dict[int, AttentionLayer] = {s.index: s for s in specs}
+        self._check(settings)
+
+    # -- settings ---------------------------------------------------------------------------------
+    @property
+    def vlm_settings(self) -> VLMSettings:
+        """The current :class:`VLMSettings` (immutable; replaced whole by :meth:`configure`)."""
+        s: VLMSettings = self.settings
+        return s
+
+    def _check(self, settings: VLMSettings) -> None:
+        n = self.host.n_layers
+        for st in settings.stages:
+            if st.where == "llm":
+                assert st.layer is not None
+                if st.layer >= n:
+                    raise UniprunerError(
+                        f"layer={st.layer} is outside the language model: {type(self.model).__name__} has {n} decoder "
+                        f"layers, so stage='llm' takes 1 <= layer <= {n - 1}"
+                    )
+                if st.layer < self.host.deepstack:
+                    raise UniprunerError(
+                        f"{self.host.cls_name} adds deepstack visual features after decoder layers "
+                        f"0..{self.host.deepstack - 1}; stage='llm' needs layer >= {self.host.deepstack}"
+                    )
+
+    def configure(self, method: Any = None, **kw: Any) -> VLMHandle:
+        """Change the settings between calls: the keywords of :func:`patch`, validated the same way.
+
+        Without ``method`` the current single stage's method name is kept (``keep=`` / ``ratio=``
+        change its budget). A forward already running keeps the settings it started with.
+        """
+        cur = self.vlm_settings
+        if method is None:
+            if len(cur.stages) != 1:
+                raise UniprunerError("this handle runs a schedule of stages: pass the new schedule as method=")
+            st = cur.stages[0]
+            method = st.method.name
+            kw.setdefault("stage", st.where)
+            if st.where == "llm":
+                kw.setdefault("layer", st.layer)
+            if not any(k in kw for k in ("keep", "ratio", "budget")):
+                kw["budget"] = st.method.budget
+        kw.setdefault("positions", cur.positions)
+        kw.setdefault("per_image", cur.per_image)
+        new = _settings_from(method, kw)
+        self._check(new)
+        self._set_settings(new)
+        return self
+
+    def __repr__(self) -> str:
+        return f"VLMHandle({type(self.model).__name__}, {self.describe()}, active={self.active})"
+
+    def describe(self) -> str:
+        """What is pruned where, and what is left alone."""
+        s = self.vlm_settings
+        parts = [st.describe() for st in s.stages]
+        text = "; then ".join(parts) + f" in {self.host.cls_name} (positions {s.positions}"
+        text += ", budget per image)" if s.per_image else ", budget per row)"
+        text += "; the vision tower and the projector run unchanged on every image"
+        return text
+
+    def stats(self) -> VLMStats:
+        """What the last prefill kept: visual tokens per image and stage, sequence lengths, KV slots per layer."""
+        last = self.last_stats
+        if last is None:
+            raise UniprunerError("no call yet: run the patched model (or generate) first")
+        stats: VLMStats = last
+        return stats
+
+    # -- install ----------------------------------------------------------------------------------
+    def _install(self) -> None:
+        h = self.host
+        self.add_hook(h.body, "forward_pre", self._body_pre, with_kwargs=True)
+        self.add_hook(h.body, "forward", self._body_post, with_kwargs=True, always_call=True)
+        self.add_hook(h.language_model, "forward_pre", self._lm_pre, with_kwargs=True)
+        self.add_hook(h.language_model, "forward", self._lm_post, with_kwargs=True, always_call=True)
+        for i, layer in enumerate(h.layers):
+            self.add_hook(layer, "forward_pre", self._make_layer_pre(i), with_kwargs=True)
+            # layer i's attention input is what a stage at layer i + 1 scores with (captured only then)
+            attn = getattr(layer, "self_attn", None)
+            if attn is not None:
+                self.add_hook(attn, "forward_pre", self._make_attn_pre(i), with_kwargs=True)
+
+    # -- hooks: body --------------------------------------------------------------------------------
+    def _body_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs = dict(kwargs)
+        if args:
+            inputs.setdefault("input_ids", args[0])
+        state = _Call(self.vlm_settings, inputs)
+        state.token = self.begin_call(state)
+
+    def _body_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   output: Any) -> None:
+        state = self.call_state()
+        if not isinstance(state, _Call):
+            return
+        self.end_call(state.token)
+        if state.stats:
+            self.publish(VLMStats(tuple(state.stats), tuple(state.seq_before),
+                                  _kv_slots(state.cache), self.host.n_layers))
+
+    # -- hooks: language model ----------------------------------------------------------------------
+    def _lm_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        state = self.call_state()
+        if not isinstance(state, _Call):
+            return None  # the language model called on its own: not a multimodal call
+        embeds = kwargs.get("inputs_embeds")
+        if not isinstance(embeds, Tensor):
+            return None
+        key = "past_key_values" if "past_key_values" in kwargs else "cache"
+        cache = kwargs.get(key)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = CompressedCache(module.config)
+        elif cache is not None and not isinstance(cache, CompressedCache):
+            if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+                cache = CompressedCache(module.config)
+            else:
+                raise UniprunerError(
+                    f"unipruner.vlm needs an empty DynamicCache (generate()'s default) or a CompressedCache, got a "
+                    f"{type(cache).__name__} holding {cache.get_seq_length()} tokens"
+                )
+        if cache is not None:
+            kwargs[key] = cache
+        state.cache = cache
+        b, q = embeds.shape[0], embeds.shape[1]
+        seen = 0 if cache is None else cache.get_seq_length()
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and (not isinstance(mask2d, Tensor) or mask2d.ndim != 2):
+            raise UniprunerError(
+                "unipruner.vlm needs a 2-D attention mask [batch, tokens] (or none) at the language model; got "
+                + (f"a {mask2d.ndim}-D tensor" if isinstance(mask2d, Tensor) else type(mask2d).__name__)
+            )
+        valid_new = None if mask2d is None else mask2d[:, -q:].to(torch.bool)
+        if seen == 0:
+            return self._prefill(state, kwargs, embeds, valid_new)
+        if cache is None or not cache.compressed:
+            if cache is not None:
+                cache.step = Step(valid_new if valid_new is not None and not bool(valid_new.all()) else None,
+                                  torch.zeros(b, q, dtype=torch.long), state.settings)
+                state.logical = seen + q
+            return args, kwargs
+        return self._decode(state, kwargs, cache, embeds, valid_new)
+
+    def _prefill(self, state: _Call, kwargs: dict[str, Any], embeds: Tensor, valid_new: Tensor | None
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        host = self.host
+        b, q = embeds.shape[0], embeds.shape[1]
+        visual = self._visual_mask(state, embeds)
+        valid = torch.ones(b, q, dtype=torch.bool, device=embeds.device) if valid_new is None else valid_new
+        if valid_new is not None and not bool(valid[:, -1].all()):
+            raise UniprunerError("the last token of some row is padding: unipruner.vlm needs left padding "
+                                 "(processor.tokenizer.padding_side = 'left'), as generate() does")
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            base = torch.arange(q, device=embeds.device)[None].expand(b, q)
+            pos = base[None].expand(3, b, q) if host.mrope else base
+        group = self._groups(state, visual)
+        state.seq = _Seq(visual, group, valid & True, pos)
+        state.seq_before = [int(x) for x in valid.sum(-1).tolist()]
+        n_vis = int(visual.sum())
+        if n_vis == 0:
+            raise UniprunerError(
+                f"the input holds no image placeholder (token id {host.image_token_id}); unipruner.vlm prunes visual "
+                "tokens: call the model with images (or unpatch it for text-only prompts)"
+            )
+        cache = state.cache
+        inp = next((s for s in state.settings.stages if s.where == "input"), None)
+        if inp is not None:
+            query = row_query(embeds, valid & ~visual)
+            result = self._run_stage(state, inp, embeds, query=query)
+            if result is not None:
+                new_embeds, packed, agg_pos = result
+                kwargs["inputs_embeds"] = new_embeds
+                seq = state.seq
+                kwargs["position_ids"] = self._positions(state, seq, packed, agg_pos)
+                kwargs["attention_mask"] = self._mask(packed.valid, None, new_embeds.dtype)
+                self._deepstack(kwargs, state, packed)
+                state.first_pruned = 0
+                state.seq = _Seq(*self._packed_seq(seq, packed, kwargs["position_ids"]))
+        if cache is not None:
+            seq = state.seq
+            cache.step = Step(None if bool(seq.valid.all()) else seq.valid, _row_positions(seq.positions),
+                              state.settings)
+            cache.plan = state.settings
+        state.logical = q
+        return (), kwargs
+
+    def _decode(self, state: _Call, kwargs: dict[str, Any], cache: CompressedCache, embeds: Tensor,
+                valid_new: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        b, q = embeds.shape[0], embeds.shape[1]
+        if cache.plan is not None and cache.plan != state.settings:
+            raise UniprunerError(
+                "this cache was pruned with other settings; continue it with the settings it started with "
+                "(or start a new cache)"
+            )
+        vn = None if valid_new is None or bool(valid_new.all()) else valid_new
+        pos = kwargs.get("position_ids")
+        rows = _row_positions(pos) if isinstance(pos, Tensor) else torch.zeros(b, q, dtype=torch.long)
+        cache.step = Step(vn, rows, state.settings)
+        first = cache.layers[0]
+        if isinstance(first, CompressedLayer) and first.compressed:
+            kwargs["attention_mask"] = self._layer_mask(first, vn, q, embeds.dtype)
+        state.logical = cache.get_seq_length() + q
+        return (), kwargs
+
+    def _lm_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
+        state = self.call_state()
+        if not isinstance(state, _Call) or state.cache is None or state.logical is None:
+            return
+        cache = state.cache
+        cache.step = None
+        first = state.first_pruned
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, CompressedLayer):
+                continue
+            if first is not None and i >= first:
+                layer.compressed = True
+            layer.seen = state.logical  # every layer stands for the same tokens, stored or pruned
+        state.first_pruned, state.logical = None, None
+
+    # -- hooks: decoder layers ----------------------------------------------------------------------
+    def _make_attn_pre(self, index: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            state = self.call_state()
+            if not isinstance(state, _Call) or state.seq is None:
+                return
+            if any(s.where == "llm" and s.layer == index + 1 for s in state.settings.stages):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                pe = kwargs.get("position_embeddings")
+                if isinstance(hidden, Tensor) and pe is not None:
+                    state.captured[index] = (hidden, pe)
+        return hook
+
+    def _make_layer_pre(self, index: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            state = self.call_state()
+            if not isinstance(state, _Call):
+                return None
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(hidden, Tensor):
+                return None
+            cache = state.cache
+            if state.seq is not None and hidden.shape[1] > 1 and (cache is None or cache.step is not None):
+                return self._prefill_layer(state, index, module, args, kwargs, hidden)
+            if cache is not None and index < len(cache.layers):
+                layer = cache.layers[index]
+                if isinstance(layer, CompressedLayer) and layer.compressed and index > 0 and cache.step is not None:
+                    kwargs["attention_mask"] = self._layer_mask(layer, cache.step.valid, hidden.shape[1], hidden.dtype)
+                    return args, kwargs
+            return None
+        return hook
+
+    def _prefill_layer(self, state: _Call, index: int, module: torch.nn.Module, args: tuple[Any, ...],
+                       kwargs: dict[str, Any], hidden: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        st = next((s for s in state.settings.stages if s.where == "llm" and s.layer == index), None)
+        if any(s.where == "llm" and s.layer == index + 1 and "previous" in s.method.requires
+               for s in state.settings.stages):
+            state.previous[index + 1] = hidden
+        if st is not None:
+            seq = state.seq
+            assert seq is not None
+            pe = kwargs.get("position_embeddings")
+            if pe is None:
+                raise UniprunerError(f"decoder layer {index} received no position_embeddings")
+            result = self._run_stage(state, st, hidden, layer=index, pe=pe, module=module)
+            if result is not None:
+                new_hidden, packed, agg_pos = result
+                positions = self._positions(state, seq, packed, agg_pos)
+                state.mask = self._mask(packed.valid, None, hidden.dtype)
+                cos, sin = pe
+                idx = packed.index
+                state.pe = (_take_rows(cos, idx, agg_pos), _take_rows(sin, idx, agg_pos))
+                state.seq = _Seq(*self._packed_seq(seq, packed, positions))
+                state.first_pruned = index if state.first_pruned is None else state.first_pruned
+                if state.cache is not None:
+                    ns = state.seq
+                    state.cache.step = Step(None if bool(ns.valid.all()) else ns.valid, _row_positions(ns.positions),
+                                            state.settings)
+                args = (new_hidden, *args[1:]) if args else args
+                if not args:
+                    kwargs["hidden_states"] = new_hidden
+        if state.mask is not None:
+            kwargs["attention_mask"] = state.mask
+            kwargs["position_embeddings"] = state.pe
+            if "position_ids" in kwargs and state.seq is not None:
+                kwargs["position_ids"] = _row_positions(state.seq.positions)
+            return args, kwargs
+        return (args, kwargs) if st is not None else None
+
+    # -- a stage ------------------------------------------------------------------------------------
+    def _run_stage(self, state: _Call, st: Stage, hidden: Tensor, *, query: Tensor | None = None,
+                   layer: int | None = None, pe: tuple[Tensor, Tensor] | None = None,
+                   module: torch.nn.Module | None = None) -> tuple[Tensor, Packed, Tensor | None] | None:
+        """Prune the visual tokens of ``hidden [B, S, D]``: (packed hidden, packing, aggregate positions)."""
+        seq = state.seq
+        assert seq is not None
+        m = st.method
+        blk = self._blocks(seq)
+        n_in = blk.counts
+        if isinstance(m.budget, Budget) and m.budget.keep is not None:
+            low = int(n_in.min())
+            if m.budget.keep > low:
+                raise UniprunerError(
+                    f"keep={m.budget.keep} is more than the {low} visual tokens an image has at {st.describe()}; "
+                    f"use keep <= {low} (or ratio=)"
+                )
+        signals: dict[str, Any] = {}
+        hw = self._hw(state, blk)
+        if hw is not None:
+            signals["hw"] = hw
+        if query is None:
+            query = row_query(hidden, seq.valid & ~seq.visual)
+        signals["query"] = query[blk.row]
+        tokens = blk.take(hidden)
+        aggregates = None
+        with torch.no_grad():
+            if st.where == "llm" and isinstance(m, ScoringMethod):
+                scores = m.score(hidden, mask=seq.valid, **self._llm_signals(state, st, hidden, pe, module, signals,
+                                                                            full=True))
+                kept = topk(blk.take(scores[..., None])[..., 0], m.budget, mask=blk.mask)
+                new_tokens = None
+            else:
+                if st.where == "llm":
+                    signals.update(self._llm_signals(state, st, hidden, pe, module, signals, full=False, blk=blk))
+                red = m.reduce(tokens, mask=blk.mask, **signals)
+                kept = red.indices
+                ok = red.mask if red.mask is not None else torch.ones_like(kept, dtype=torch.bool)
+                is_agg = ok & (kept < 0)
+                kept = torch.where(ok & (kept >= 0), kept, torch.full_like(kept, -1))
+                new_tokens = red.tokens
+                if bool(is_agg.any()):
+                    aggregates = (red.tokens, is_agg)
+        n_out = (kept >= 0).sum(-1) + (0 if aggregates is None else aggregates[1].sum(-1))
+        state.stats.append(StageStats(st.where, st.layer, m.name, tuple(n_in.tolist()), tuple(n_out.tolist())))
+        if bool((n_out == n_in).all()) and aggregates is None and not seq.packed and new_tokens is None:
+            return None  # keeps everything: the model runs exactly as unpatched
+        return self._apply(seq, blk, hidden, kept, new_tokens, aggregates)
+
+    def _apply(self, seq: _Seq, blk: Blocks, hidden: Tensor, kept: Tensor, new_tokens: Tensor | None,
+               aggregates: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Packed, Tensor | None]:
+        b, s, d = hidden.shape
+        flat_keep = torch.where(kept >= 0, blk.flat.gather(1, kept.clamp(min=0)), torch.full_like(kept, -1))
+        keep_slot = (seq.valid & ~seq.visual).flatten().clone()
+        sel = flat_keep[flat_keep >= 0]
+        keep_slot[sel] = True
+        values = hidden.reshape(b * s, d)
+        if new_tokens is not None:  # merged representatives carry their merged value
+            reps = kept >= 0
+            values = values.clone()
+            values[flat_keep[reps]] = new_tokens[reps].to(values.dtype)
+        slot = torch.arange(s, device=hidden.device, dtype=torch.float64)[None].expand(b, s)
+        keys_ = torch.where(keep_slot.view(b, s), slot, torch.full_like(slot, float("inf")))
+        src = values.view(b, s, d)
+        agg_pos = None
+        if aggregates is not None:  # one extra slot per aggregate, right after its image's last visual token
+            tok, is_agg = aggregates
+            n_blk, k = is_agg.shape
+            last_flat = blk.flat.max(dim=1).values  # the block's last visual slot (left-padded blocks)
+            last_l = (last_flat % s).to(torch.float64)
+            extra = torch.full((b, n_blk * k), float("inf"), dtype=torch.float64, device=hidden.device)
+            cols = torch.arange(n_blk * k, device=hidden.device).view(n_blk, k)
+            rank = torch.arange(k, device=hidden.device, dtype=torch.float64)[None] / (2 * k + 2)
+            extra[blk.row[:, None].expand(n_blk, k)[is_agg], cols[is_agg]] = (last_l[:, None] + 0.5 + rank)[is_agg]
+            ex_val = torch.zeros(b, n_blk * k, d, dtype=hidden.dtype, device=hidden.device)
+            ex_val[blk.row[:, None].expand(n_blk, k)[is_agg], cols[is_agg]] = tok[is_agg].to(hidden.dtype)
+            keys_ = torch.cat([keys_, extra], dim=1)
+            src = torch.cat([src, ex_val], dim=1)
+            agg_pos = torch.full((b, n_blk * k), -1, dtype=torch.long, device=hidden.device)
+            agg_pos[blk.row[:, None].expand(n_blk, k)[is_agg], cols[is_agg]] = (last_flat[:, None] % s).expand(
+                n_blk, k)[is_agg]
+        packed = pack(keys_)
+        return packed.take(src), packed, agg_pos
+
+    def _packed_seq(self, seq: _Seq, packed: Packed, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        b, s = seq.visual.shape
+        extra = packed.index.shape[1] and int(packed.index.max()) >= s
+        vis, grp = seq.visual, seq.group
+        if extra:  # aggregate slots: visual, in no block (they are not pruned again)
+            m = int(packed.index.max()) + 1 - s
+            vis = torch.cat([vis, torch.ones(b, m, dtype=torch.bool, device=vis.device)], dim=1)
+            grp = torch.cat([grp, torch.full((b, m), -1, dtype=grp.dtype, device=grp.device)], dim=1)
+        idx = packed.index
+        visual = vis.gather(1, idx) & packed.valid
+        group = torch.where(packed.valid, grp.gather(1, idx), torch.full_like(idx, -1))
+        return visual, group, packed.valid, positions, True
+
+    def _positions(self, state: _Call, seq: _Seq, packed: Packed, agg_pos: Tensor | None) -> Tensor:
+        pos = seq.positions
+        if agg_pos is not None:  # aggregate slots take their anchor's position
+            pos = torch.cat([pos, gather_last(pos, agg_pos.clamp(min=0))], dim=-1)
+        out = gather_last(pos, packed.index)
+        if state.settings.positions == "compact":
+            if out.ndim != 2:
+                raise UniprunerError(
+                    f"positions='compact' renumbers 1-D positions; {self.host.cls_name} uses M-RoPE, whose kept "
+                    "tokens keep their original (t, h, w) positions"
+                )
+            out = (torch.cumsum(packed.valid.long(), 1) - 1).clamp(min=0)
+        return torch.where(packed.valid, out, torch.zeros_like(out)) if out.ndim == 2 else out
+
+    def _deepstack(self, kwargs: dict[str, Any], state: _Call, packed: Packed) -> None:
+        ds = kwargs.get("deepstack_visual_embeds")
+        vpm = kwargs.get("visual_pos_masks")
+        if ds is None or vpm is None:
+            return
+        seq = state.seq
+        assert seq is not None
+        b, s = vpm.shape
+        order = torch.cumsum(vpm.flatten().long(), 0) - 1  # rank of each visual slot among all visual slots
+        idx = packed.index.clamp(max=s - 1)
+        kept_vis = vpm.gather(1, idx) & packed.valid & (packed.index < s)
+        ranks = order.view(b, s).gather(1, idx)[kept_vis]
+        kwargs["visual_pos_masks"] = kept_vis
+        kwargs["deepstack_visual_embeds"] = [x[ranks] for x in ds]
+
+    # -- signals --------------------------------------------------------------------------------------
+    def _llm_signals(self, state: _Call, st: Stage, hidden: Tensor, pe: tuple[Tensor, Tensor] | None,
+                     module: torch.nn.Module | None, base: dict[str, Any], *, full: bool,
+                     blk: Blocks | None = None) -> dict[str, Any]:
+        """Signals of an ``llm`` stage: whole rows for scoring methods (``full``), else per block."""
+        m = st.method
+        seq = state.seq
+        assert seq is not None and st.layer is not None
+        out: dict[str, Any] = {}
+        if "attn" in m.requires:
+            cap = state.captured.get(st.layer - 1)
+            if cap is None:
+                raise UniprunerError(f"layer {st.layer - 1}'s attention input was not captured")
+            h_prev, pe_prev = cap
+            spec = self._specs[st.layer - 1]
+            pe_prev = _expand_pe(pe_prev, h_prev.shape[0])
+            ks = keys(spec, h_prev, *pe_prev)
+            kvalid = seq.valid[:, None, :].expand(ks.shape[0], ks.shape[1], ks.shape[2])
+            out["attn"] = attention_rows(spec, h_prev, pe_prev, ks, _rows_needed(m, hidden.shape[1]), kvalid)
+            if "text_queries" in m.requires:
+                n = out["attn"].shape[2]
+                out["text_queries"] = (seq.valid & ~seq.visual)[:, -n:]
+        prev = state.previous.get(st.layer) if "previous" in m.requires else None
+        if "previous" in m.requires and prev is None:
+            raise UniprunerError(f"the hidden states entering layer {st.layer - 1} were not captured")
+        if full:
+            if prev is not None:
+                out["previous"] = prev
+            if "query" in m.requires:
+                out["query"] = row_query(hidden, seq.valid & ~seq.visual)
+            return out
+        assert blk is not None
+        out = dict(base)
+        if prev is not None:
+            out["previous"] = blk.take(prev)
+        if pe is not None and st.layer in self._specs and module is not None:
+            norm = getattr(module, "input_layernorm", None)
+            normed = norm(hidden) if norm is not None else hidden
+            k = keys(self._specs[st.layer], normed, *_expand_pe(pe, hidden.shape[0]))
+            out["keys"] = blk.take(k.transpose(1, 2).flatten(2))
+        return out
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _visual_mask(self, state: _Call, embeds: Tensor) -> Tensor:
+        ids = state.inputs.get("input_ids")
+        if isinstance(ids, Tensor) and ids.shape == embeds.shape[:2]:
+            return ids == self.host.image_token_id
+        user_embeds = state.inputs.get("inputs_embeds")
+        if isinstance(user_embeds, Tensor) and user_embeds.shape == embeds.shape:
+            table = self.host.body.get_input_embeddings()  # type: ignore[operator]
+            tok = table(torch.tensor(self.host.image_token_id, device=embeds.device))
+            return (user_embeds == tok).all(-1)
+        raise UniprunerError("unipruner.vlm could not find the image placeholders: call the model with input_ids")
+
+    def _groups(self, state: _Call, visual: Tensor) -> Tensor:
+        b, q = visual.shape
+        n_vis = int(visual.sum())
+        if state.settings.per_image:
+            counts = self.host.image_counts(n_vis, state.inputs)
+            if counts:
+                ids = torch.repeat_interleave(torch.arange(len(counts), device=visual.device),
+                                              torch.tensor(counts, device=visual.device))
+            else:
+                ids = runs(visual)
+        else:
+            ids = (torch.nonzero(visual.flatten()).squeeze(1) // q)
+            ids = torch.unique_consecutive(ids, return_inverse=True)[1]
+        group = torch.full((b * q,), -1, dtype=torch.long, device=visual.device)
+        group[visual.flatten()] = ids
+        return group.view(b, q)
+
+    def _blocks(self, seq: _Seq) -> Blocks:
+        g = seq.group.flatten()
+        live = g >= 0
+        vis = live.view(seq.group.shape)
+        ids = torch.unique_consecutive(g[live], return_inverse=True)[1]
+        return blocks(vis, ids)
+
+    def _hw(self, state: _Call, blk: Blocks) -> tuple[int, int] | None:
+        if state.seq is not None and state.seq.packed:
+            return None  # a pruned image is no longer a grid
+        grids = self.host.image_grids(state.inputs, blk.flat.shape[0])
+        if not state.settings.per_image or not grids or any(g is None for g in grids):
+            return None
+        first = grids[0]
+        if any(g != first for g in grids) or first is None or first[0] * first[1] != blk.flat.shape[1]:
+            return None
+        return first
+
+    def _mask(self, valid: Tensor, old: CompressedLayer | None, dtype: torch.dtype) -> Tensor | None:
+        b, q = valid.shape
+        empty = torch.zeros(b, 1, 0, dtype=torch.bool, device=valid.device)
+        additive = dtype if self._eager else None
+        return stored_slot_mask(empty, None if bool(valid.all()) else valid, q, n_heads=1, additive=additive)
+
+    def _layer_mask(self, layer: CompressedLayer, valid_new: Tensor | None, q: int, dtype: torch.dtype
+                    ) -> Tensor | None:
+        additive = dtype if self._eager else None
+        old = layer.slot_valid()
+        return stored_slot_mask(old, valid_new, q, n_heads=old.shape[1], additive=additive)
+
+
+def _rows_needed(m: Method, n: int) -> int | str:
+    if "text_queries" in m.requires:
+        return n
+    rows = getattr(m, "window", None) or getattr(m, "n_queries", None)
+    if rows is not None:
+        return int(rows)
+    if m.name == "h2o":
+        return "all"
+    return n
+
+
+def _row_positions(pos: Tensor) -> Tensor:
+    """``[B, S]`` positions of a ``[B, S]`` or M-RoPE ``[R, B, S]`` tensor (the text / temporal row)."""
+    return pos if pos.ndim == 2 else pos[0]
+
+
+def _expand_pe(pe: tuple[Tensor, Tensor], b: int) -> tuple[Tensor, Tensor]:
+    cos, sin = pe
+    return cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
+
+
+def _take_rows(x: Tensor, index: Tensor, anchors: Tensor | None) -> Tensor:
+    """Rotary ``cos`` / ``sin`` ``[B or 1, S, D]`` at the packed slots (aggregate slots reuse their anchor's)."""
+    b = index.shape[0]
+    x = x.expand(b, *x.shape[1:])
+    if anchors is not None:
+        a = anchors.clamp(min=0)
+        x = torch.cat([x, x.gather(1, a[..., None].expand(b, a.shape[1], x.shape[-1]))], dim=1)
+    return x.gather(1, index[..., None].expand(b, index.shape[1], x.shape[-1]))
+
+
+def _kv_slots(cache: CompressedCache | None) -> tuple[int, ...]:
+    if cache is None:
+        return ()
+    out = []
+    for layer in cache.layers:
+        k = getattr(layer, "keys", None)
+        out.append(int(k.shape[-2]) if isinstance(k, Tensor) and k.numel() else 0)
+    return tuple(out)
+
+
+def _settings_from(method: Any, kw: dict[str, Any]) -> VLMSettings:
+    where = kw.pop("stage", "input")
+    return make_settings(method, stage_=where, **kw)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def find(model: Any) -> VLMHandle | None:
+    """The active :class:`VLMHandle` of ``model``, or None (found through its hooks, nothing stored on it)."""
+    return find_handle(model, VLMHandle)
+
+
+def patch(model: Any, method: str | Method | Stage | list[Stage] = "divprune", *, keep: int | None = None,
+          ratio: float | None = None, budget: Budget | None = None, stage: str = "input", layer: int | None = None,
+          positions: str = "original", per_image: bool = True, **params: Any) -> VLMHandle:
+    """Prune the visual tokens of ``model`` from now on (per instance; a context manager).
+
+    ``with unipruner.vlm.patch(model, "divprune", keep=64) as h:`` unpatches on exit. Patching
+    again with identical settings returns the same handle; other settings raise (use
+    ``h.configure(...)``).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        One of :data:`SUPPORTED_HOSTS` (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+        Qwen3-VL, Idefics3, SmolVLM) with ``sdpa`` or ``eager`` attention.
+    method : str, Method, Stage or list of Stage
+        A registry method with ``"vlm"`` in its domains — ``divprune`` (Alvar et al., CVPR 2025),
+        ``dart`` (Wen et al., 2025), ``fastv`` (Chen et al., ECCV 2024), ``sparsevlm`` (Zhang et
+        al., ICML 2025), ``random``, ``kcenter``, ``gprune``, ``query_similarity``, ``tome``,
+        ``hidden_norm``, ``transprune`` ... — or a schedule of :func:`stage` values (e.g. DART
+        at the input, then FastV at layer 2).
+    keep : int, optional
+        Visual tokens kept by the stage (per image with ``per_image=True``, else per row), e.g. 64
+        of LLaVA's 576.
+    ratio : float in (0, 1], optional
+        Fraction of the visual tokens reaching the stage that it keeps.
+    budget : Budget, optional
+        Any other :class:`unipruner.Budget`.
+    stage : {"input", "llm"}
+        ``"input"``: on the projected visual tokens entering the language model;
+        ``"llm"`` with ``layer=K``: on the hidden states entering decoder layer K, scored with
+        layer K-1's attention (FastV's setting is K=2). Layers >= K then hold a shorter KV cache.
+    layer : int, optional
+        K for ``stage="llm"`` (``1 <= K < n_layers``).
+    positions : {"original", "compact"}
+        ``"original"`` (default): kept tokens keep their position ids (1-D, or Qwen's M-RoPE rows,
+        gathered) and decoding continues from the original numbering; ``"compact"`` renumbers the
+        kept sequence (input stage, 1-D RoPE hosts).
+    per_image : bool
+        The budget applies to each image (default) or is shared by all the images of a row.
+    **params
+        Method parameters (``n_pivots=8`` for DART, ``n_queries=1`` for FastV, ...).
+
+    Returns
+    -------
+    VLMHandle
+        ``configure()``, ``stats()``, ``describe()``, ``unpatch()``.
+
+    Notes
+    -----
+    A pruned forward returns logits for the kept sequence (``[B, K, V]``: the last position is
+    still each row's last token, which is what ``generate()`` reads).
+
+    Raises
+    ------
+    UniprunerError
+        Unsupported model or attention implementation, a method outside the vlm domain or at a
+        stage that lacks its signals, ``layer`` outside the LLM, ``keep`` < 1 or (at call time)
+        larger than an image's visual tokens, a model already patched differently.
+    """
+    settings = make_settings(method, keep=keep, ratio=ratio, budget=budget, stage_=stage, layer=layer,
+                             positions=positions, per_image=per_image, **params)
+    existing = reuse_or_refuse(model, VLMHandle, settings)
+    if existing is not None:
+        return existing
+    handle = VLMHandle(model, settings)
+    handle._install()
+    return handle
+
+
+def unpatch(model: Any) -> bool:
+    """Remove :func:`patch`'s hooks from ``model`` (exactly as before); False when it was not patched."""
+    handle = find(model)
+    return False if handle is None else handle.unpatch()
