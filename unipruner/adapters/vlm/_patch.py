@@ -442,8 +442,10 @@ class VLMHandle(PatchHandle):
                     aggregates = (red.tokens, is_agg)
         n_out = (kept >= 0).sum(-1) + (0 if aggregates is None else aggregates[1].sum(-1))
         state.stats.append(StageStats(st.where, st.layer, m.name, tuple(n_in.tolist()), tuple(n_out.tolist())))
-        if bool((n_out == n_in).all()) and aggregates is None and not seq.packed and new_tokens is None:
-            return None  # keeps everything: the model runs exactly as unpatched
+        if bool((n_out == n_in).all()) and aggregates is None:
+            return None  # keeps (and merges) nothing: the model runs exactly as unpatched
+        if m.reduction == "drop":
+            new_tokens = None  # dropped tokens leave the kept ones' values untouched
         return self._apply(seq, blk, hidden, kept, new_tokens, aggregates)
 
     def _apply(self, seq: _Seq, blk: Blocks, hidden: Tensor, kept: Tensor, new_tokens: Tensor | None,
