@@ -788,6 +788,351 @@ class KMeansPool(_Pooling):
 
 
 # ----------------------------------------------------------------------------------------------
+# vision-tower methods (VLM): CLS / received attention of a late tower layer, merged or spread
+# ----------------------------------------------------------------------------------------------
+
+
+def _vision_scores(m: Method, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]) -> Tensor:
+    """Received attention ``[B, N]`` of the tokens (the CLS row, or the mean row when ``cls_index`` is None)."""
+    s = importance.received_attention(m._need(signals, "attn"), cls_index=getattr(m, "cls_index", 0), mask=mask)
+    if tuple(s.shape) != tuple(tokens.shape[:2]):
+        raise UniprunerError(f"{m.name!r}: attn covers {tuple(s.shape)} (batch, tokens) but the tokens are "
+                             f"{tuple(tokens.shape[:2])}")
+    return s
+
+
+def _positions(chosen: Tensor) -> Tensor:
+    """Chosen mask ``[B, N]`` -> sorted positions ``[B, K]``, right-padded with ``-1``."""
+    b, n = chosen.shape
+    k = int(chosen.sum(dim=1).max()) if b else 0
+    pos = torch.arange(n, device=chosen.device).expand(b, n)
+    idx = torch.sort(pos.masked_fill(~chosen, n), dim=1).values[:, :k]
+    return idx.masked_fill(idx == n, -1)
+
+
+def _round_half_up(x: Tensor) -> Tensor:
+    return torch.floor(x + 0.5).long()
+
+
+def _check_cls_index(m: Method, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UniprunerError(f"{m.name!r}: cls_index must be an int (the CLS row) or None (mean received "
+                             f"attention, for towers without CLS), got {value!r}")
+
+
+@dataclass(frozen=True)
+class VisionZip(MergingMethod):
+    """VisionZip: dominant tokens by CLS attention, the rest merged into a few contextual tokens.
+
+    Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+    CVPR 2025. The budget is the number of output tokens, dominant plus contextual (``ratio`` the
+    fraction of the valid tokens, as everywhere). ``contextual`` of them (a fraction of that count,
+    rounded half up, or an int count; default ``10 / 64``, the paper's 54 + 10 at 64 tokens,
+    108 + 20 at 128, 160 + 30 at 192 give the same fractions) are contextual tokens; the others
+    are the dominant tokens: the highest received attention (:func:`unipruner.scorers.importance.
+    received_attention`; the CLS row ``cls_index``, or ``cls_index=None`` for the mean attention
+    a token receives, for towers without CLS such as SigLIP), protected tokens first. The
+    remaining valid tokens are split into uniformly spaced targets and the rest, which join their
+    most similar target (cosine on ``keys`` when given, else on the tokens); each target becomes
+    the (size-weighted) mean of its group (:func:`unipruner.reduce.contextual_merge`).
+
+    ``reduce`` returns the dominant tokens in original order and then the contextual ones, with
+    sizes summing to the valid count and a plan over the input; ``select`` returns the kept
+    representatives (dominant tokens and targets), sorted. ``reduction="drop"`` / ``"fuse"``
+    apply to those representatives instead.
+
+    Signals: ``attn`` (``[B, H, N, N]`` / ``[B, N, N]`` map, ``[B, H, Q, N]`` rows such as the CLS
+    row ``Q = 1``, or a ``[B, N]`` importance vector) and optional ``keys`` ``[B, N, Dk]``.
+
+    Deviations: a budget that keeps every valid token keeps them as they are (no contextual
+    tokens), so keep-all is the identity; counts are per row on the valid tokens (ragged rows);
+    the CLS token is kept only when protected (``protected=1``, the released code always keeps it).
+    """
+
+    name: ClassVar[str] = "visionzip"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = ("Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language "
+                            "Models, CVPR 2025")
+    domains: ClassVar[tuple[str, ...]] = ("vlm",)
+    requires: ClassVar[tuple[str, ...]] = ("attn", "keys")
+    summary: ClassVar[str] = "top CLS attention (dominant) + the rest merged into uniform targets (contextual)"
+    cls_index: int | None = 0
+    contextual: float | int = 10 / 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_cls_index(self, self.cls_index)
+        c = self.contextual
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or (
+                isinstance(c, float) and not 0.0 <= c < 1.0) or (isinstance(c, int) and c < 0):
+            raise UniprunerError(f"visionzip: contextual is a fraction in [0, 1) of the kept tokens or a count "
+                                 f">= 0, got {c!r}")
+
+    def _parts(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dominant [B, N] bool, contextual count [B], scores [B, N])``."""
+        a = _vision_scores(self, tokens, mask, signals)
+        b, n = a.shape
+        nv = valid_counts(mask, b, n, a.device)
+        n_prot = nv.clamp(max=min(self.protected, n)) if mask is None else mask[:, :self.protected].sum(dim=1)
+        total = torch.maximum(self.budget.counts(nv, n_max=n, scores=a, mask=mask), n_prot)
+        if isinstance(self.contextual, float):
+            c = _round_half_up(total.double() * self.contextual)
+        else:
+            c = torch.full_like(total, self.contextual)
+        c = torch.minimum(c, total - n_prot)
+        c = torch.where(total >= nv, torch.zeros_like(c), c)
+        keep = topk(a, total - c, mask=mask, protected=self.protected or None)
+        dominant = torch.zeros(b, n + 1, dtype=torch.bool, device=a.device)
+        dominant.scatter_(1, torch.where(keep < 0, n, keep), True)
+        return dominant[:, :n], c, a
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        dominant, c, _ = self._parts(tokens, mask, signals)
+        valid = dominant.new_ones(dominant.shape) if mask is None else mask
+        return _positions(dominant | _reduce.uniform_picks(valid & ~dominant, c))
+
+    def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
+               **signals: Any) -> Reduced:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        if self.reduction != "merge":
+            return _apply_reduction(self.reduction, tokens, self.select(tokens, mask=mask, **signals), mask=mask,
+                                    sizes=sizes, scores=self._fuse_weights(tokens, mask, signals))
+        dominant, c, _ = self._parts(tokens, mask, signals)
+        out, omask, idx, osizes, plan = _reduce.contextual_merge(tokens, dominant, c, metric=_metric(tokens, signals),
+                                                                 size=sizes, mask=mask)
+        return Reduced(out, omask, idx, osizes, plan)
+
+    def _fuse_weights(self, tokens: Tensor, mask: Tensor | None,
+                      signals: Mapping[str, Any]) -> Tensor | None:
+        return _vision_scores(self, tokens, mask, signals)
+
+
+@dataclass(frozen=True)
+class PruMerge(MergingMethod):
+    """LLaVA-PruMerge: adaptive CLS-attention outliers, each updated with its key-nearest tokens.
+
+    Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
+    Models", 2024. Scores are the received attention (:func:`unipruner.scorers.importance.
+    received_attention`: the CLS row, or ``cls_index=None`` for the mean received attention).
+
+    Budget: with **no budget** (the default, ``unipruner.method("prumerge")``) the count is
+    adaptive: the tokens above ``Q3 + factor * IQR`` of their row's scores
+    (:func:`~unipruner.scorers.importance.iqr_outliers`; at least one per row), so rows keep
+    different counts (``-1`` / mask padding). An explicit budget (``ratio=`` / ``keep=``) **fixes**
+    the count, as the released code's non-adaptive path (top scores); ``adaptive=True`` with a
+    budget makes it a **cap** on the adaptive count. Protected tokens are kept on top and take no
+    part in the IQR rule or the merging.
+
+    Merging (:func:`unipruner.reduce.knn_merge`): every kept token ``p`` becomes
+    ``x_p + sum_{j in N_k(p)} a_j x_j`` over its ``k`` most key-similar other tokens (kept or
+    pruned), weighted by their attention ``a`` (cosine on ``keys`` when given, else on the
+    tokens). ``extra_token=True`` appends the released code's extra token ``sum_{j pruned} a_j x_j``
+    (one more than the budget). The plan / sizes partition the input by nearest kept token (or
+    into the extra token).
+
+    Signals: ``attn`` (``[B, H, N, N]`` map, ``[B, H, Q, N]`` rows such as the CLS row, or a
+    ``[B, N]`` vector; non-negative) and optional ``keys`` ``[B, N, Dk]``.
+
+    Deviations: head-averaged attention (the released code attends once over the concatenated
+    heads); the IQR count is used directly (the released code rounds ``N * count / N`` down);
+    a row always keeps at least one token; the merge weights are not renormalised, as released
+    (the paper writes a weighted average).
+    """
+
+    name: ClassVar[str] = "prumerge"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = ("Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large "
+                            "Multimodal Models, 2024")
+    domains: ClassVar[tuple[str, ...]] = ("vlm",)
+    requires: ClassVar[tuple[str, ...]] = ("attn", "keys")
+    summary: ClassVar[str] = "CLS-attention IQR outliers (adaptive count) + their k key-nearest tokens merged in"
+    budget: Budget | None = None  # type: ignore[assignment]
+    adaptive: bool | None = None
+    cls_index: int | None = 0
+    k: int = 32
+    factor: float = 1.5
+    extra_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            if self.adaptive is False:
+                raise UniprunerError(f"{self.name}: adaptive=False needs a budget (ratio= or keep=)")
+            object.__setattr__(self, "budget", Budget(ratio=1.0))  # validate the rest like any method
+            super().__post_init__()
+            object.__setattr__(self, "budget", None)
+        else:
+            super().__post_init__()
+        _check_cls_index(self, self.cls_index)
+        if self.adaptive is not None and not isinstance(self.adaptive, bool):
+            raise UniprunerError(f"{self.name}: adaptive must be True, False or None, got {self.adaptive!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise UniprunerError(f"{self.name}: k (neighbours merged per kept token) must be an int >= 1, "
+                                 f"got {self.k!r}")
+        if not isinstance(self.extra_token, bool):
+            raise UniprunerError(f"{self.name}: extra_token must be a bool, got {self.extra_token!r}")
+        f = self.factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+            raise UniprunerError(f"{self.name}: factor (the IQR multiple) must be a finite number >= 0, got {f!r}")
+
+    @property
+    def is_adaptive(self) -> bool:
+        """Whether the count comes from the IQR rule (no budget, or ``adaptive=True``)."""
+        return self.budget is None if self.adaptive is None else self.adaptive
+
+    def _adaptive_total(self, outliers: Tensor) -> Tensor:
+        return outliers
+
+    def _choose(self, a: Tensor, cand: Tensor, total: Tensor) -> Tensor:
+        return _chosen(topk(a, total, mask=cand), cand.shape[1])
+
+    def _parts(self, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(kept [B, N] bool, protected [B, N] bool, scores [B, N])``."""
+        a = _vision_scores(self, tokens, mask, signals)
+        b, n = a.shape
+        valid = torch.ones(b, n, dtype=torch.bool, device=a.device) if mask is None else mask
+        prot = torch.zeros_like(valid)
+        prot[:, :min(self.protected, n)] = True
+        prot &= valid
+        cand = valid & ~prot
+        n_cand = cand.sum(dim=1)
+        cap = n_cand
+        if self.budget is not None:
+            n_prot = prot.sum(dim=1)
+            cap = torch.maximum(self.budget.counts(valid.sum(dim=1), n_max=n, scores=a, mask=mask), n_prot) - n_prot
+        total = cap
+        if self.is_adaptive:
+            m = importance.iqr_outliers(a, mask=cand, factor=self.factor).sum(dim=1).clamp(min=1)
+            total = torch.minimum(self._adaptive_total(m), cap)
+        total = torch.minimum(total, n_cand)
+        return self._choose(a, cand, total) | prot, prot, a
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        return _positions(self._parts(tokens, mask, signals)[0])
+
+    def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
+               **signals: Any) -> Reduced:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        kept, prot, a = self._parts(tokens, mask, signals)
+        keep = _positions(kept)
+        if self.reduction != "merge":
+            return _apply_reduction(self.reduction, tokens, keep, mask=mask, sizes=sizes, scores=a)
+        valid = torch.isfinite(a) if mask is None else mask
+        weights = torch.where(valid, a, torch.zeros_like(a)).to(tokens.dtype)
+        update = (keep >= 0) & ~prot.gather(1, keep.clamp(min=0))
+        out, omask, idx, osizes, plan = _reduce.knn_merge(
+            tokens, keep, weights, k=self.k, metric=_metric(tokens, signals), neighbours=valid & ~prot,
+            update=update, size=sizes, mask=mask, extra=self.extra_token)
+        return Reduced(out, omask, idx, osizes, plan)
+
+    def _fuse_weights(self, tokens: Tensor, mask: Tensor | None,
+                      signals: Mapping[str, Any]) -> Tensor | None:
+        return _vision_scores(self, tokens, mask, signals)
+
+
+def _chosen(idx: Tensor, n: int) -> Tensor:
+    """Sorted ``-1``-padded indices ``[B, K]`` -> chosen mask ``[B, N]``."""
+    out = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
+    out.scatter_(1, torch.where(idx < 0, n, idx), True)
+    return out[:, :n]
+
+
+@dataclass(frozen=True)
+class PruMergePlus(PruMerge):
+    """PruMerge+: PruMerge's outliers plus spatially uniform tokens, then the same merging.
+
+    Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
+    Models", 2024 (PruMerge+, about 25% of the tokens in the paper). Of the ``T`` kept
+    (unprotected) tokens, ``u = round(T * spatial / (1 + spatial))`` are evenly spaced over the
+    remaining tokens in row-major order (:func:`unipruner.reduce.uniform_picks`) and the other
+    ``T - u`` (at least one) are the top scores. Adaptive (no budget): ``T = m + round(spatial * m)``
+    for ``m`` IQR outliers (``spatial = 3``: the released code's stride of a third of
+    ``N / m``, about four times PruMerge's count); a budget fixes ``T`` (or caps it with
+    ``adaptive=True``), exactly as for :class:`PruMerge`.
+
+    Deviations: the uniform tokens are spaced over the tokens left after the outliers, so the
+    count is exact (the released code strides over all tokens and skips the outliers it hits).
+    """
+
+    name: ClassVar[str] = "prumerge_plus"
+    summary: ClassVar[str] = "PruMerge + spatially uniform tokens (about 4x the outliers), merged alike"
+    spatial: float = 3.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        s = self.spatial
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise UniprunerError(f"prumerge_plus: spatial (uniform tokens per outlier) must be a finite number "
+                                 f">= 0, got {s!r}")
+
+    def _adaptive_total(self, outliers: Tensor) -> Tensor:
+        return outliers + _round_half_up(outliers.double() * float(self.spatial))
+
+    def _choose(self, a: Tensor, cand: Tensor, total: Tensor) -> Tensor:
+        u = _round_half_up(total.double() * float(self.spatial) / (1.0 + float(self.spatial)))
+        o = torch.maximum(total - u, total.clamp(max=1))
+        top = _chosen(topk(a, o, mask=cand), cand.shape[1])
+        return top | _reduce.uniform_picks(cand & ~top, total - o)
+
+
+@dataclass(frozen=True)
+class HoloV(Method):
+    """HoloV: the budget spread over spatial crops by their holistic score, the best tokens of each kept.
+
+    Zou et al., "Don't Just Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic
+    Context Retention" (HoloV), NeurIPS 2025 (:func:`unipruner.scorers.diversity.crop_balanced`).
+    With ``hw=(h, w)`` the last ``h * w`` tokens are the patch grid, cut into ``crops`` windows
+    (tokens before the grid must be protected); without it the tokens are cut into
+    ``crops[0] * crops[1]`` contiguous runs (the released code). Each crop's share of the budget
+    is ``softmax(log S_c / temperature)`` of its mean holistic score ``alpha * attention + beta *
+    diversity``, and each crop keeps its best tokens by that score (``beta=0``: by attention, as
+    released). The budget is the total kept (``ratio`` the fraction of the valid tokens).
+
+    Signals: ``attn`` (``[B, H, N, N]`` map, ``[B, H, Q, N]`` rows such as the CLS row, or a
+    ``[B, N]`` vector; non-negative), ``hw`` (optional), optional ``keys`` ``[B, N, Dk]`` (the
+    similarities; default the tokens, which the released code uses).
+    """
+
+    name: ClassVar[str] = "holov"
+    family: ClassVar[str] = "diversity"
+    paper: ClassVar[str] = ("Zou et al., Don't Just Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual "
+                            "Holistic Context Retention (HoloV), NeurIPS 2025")
+    domains: ClassVar[tuple[str, ...]] = ("vlm",)
+    requires: ClassVar[tuple[str, ...]] = ("attn", "hw")
+    summary: ClassVar[str] = "budget spread over spatial crops by holistic score; best tokens of each crop"
+    cls_index: int | None = 0
+    crops: tuple[int, int] = (4, 4)
+    alpha: float = 1.0
+    beta: float = 0.09
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_cls_index(self, self.cls_index)
+        diversity.crop_balanced(torch.zeros(1, 1, 1), torch.ones(1, 1), 1, crops=self.crops, alpha=self.alpha,
+                                beta=self.beta, temperature=self.temperature)  # validates the settings
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        a = _vision_scores(self, tokens, mask, signals)
+        return diversity.crop_balanced(_metric(tokens, signals), a, self.budget, hw=signals.get("hw"),
+                                       crops=self.crops, alpha=self.alpha, beta=self.beta,
+                                       temperature=self.temperature, mask=mask, protected=self.protected or None)
+
+    def _fuse_weights(self, tokens: Tensor, mask: Tensor | None,
+                      signals: Mapping[str, Any]) -> Tensor | None:
+        return _vision_scores(self, tokens, mask, signals)
+
+
+# ----------------------------------------------------------------------------------------------
 # ColBERT: pooling and static pruning of multi-vector documents (unipruner.adapters.colbert)
 # ----------------------------------------------------------------------------------------------
 
@@ -1010,6 +1355,7 @@ _CLASSES: tuple[type[Method], ...] = (
     WardCosinePool, SequentialPool, First, Duplicates, Centroid, Stopwords,  # ColBERT
     ZeroTPrune, GPrune,
     DivPrune, KCenter, MMR,
+    VisionZip, PruMerge, PruMergePlus, HoloV,  # vision-tower (VLM)
     BM25, Hybrid, FocalAttention, SelfInformation, Multihop,
 )
 

@@ -11,6 +11,8 @@
 * :func:`pool` pools documents by Ward hierarchical clustering or k-means (Clavié et al.,
   "Reducing the Footprint of Multi-Vector Retrieval with Minimal Performance Impact via Token
   Pooling", 2024); :func:`recycle` folds pruned tokens into a few aggregate tokens (SparseVLM).
+* :func:`contextual_merge` (VisionZip's contextual tokens), :func:`knn_merge` (LLaVA-PruMerge's
+  attention-weighted k-nearest-neighbour update) and :func:`uniform_picks` (evenly spaced picks).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ __all__ = [
     "MergeFn",
     "MergePlan",
     "UnmergeFn",
+    "contextual_merge",
     "drop",
     "kmeans_labels",
+    "knn_merge",
     "merge_pruned",
     "merge_wavg",
     "plan_from_labels",
@@ -37,6 +41,7 @@ __all__ = [
     "pool_plan",
     "recycle",
     "sequential_labels",
+    "uniform_picks",
     "ward_cosine_labels",
     "ward_labels",
 ]
@@ -143,3 +148,245 @@ def merge_pruned(x: Tensor, keep: Tensor, *, metric: Tensor | None = None,
     plan = MergePlan(dst, keep.shape[1], None if not bool(pad.any()) else ~pad)
     merged, sizes = merge_wavg(plan, x, size)
     return merged, sizes, plan
+
+
+def uniform_picks(candidates: Tensor, counts: Tensor) -> Tensor:
+    """Pick ``counts[b]`` of each row's candidate positions, evenly spaced in original order.
+
+    Among the ``R`` candidates of a row (in position order), the ranks ``0, s, 2s, ...`` with
+    ``s = max(1, R // c)`` are taken, the first ``c = min(counts[b], R)`` of them: VisionZip's
+    uniformly spaced contextual targets (Yang et al., "VisionZip: Longer is Better but Not
+    Necessary in Vision Language Models", CVPR 2025) and PruMerge+'s spatially uniform samples
+    (Shang et al., "LLaVA-PruMerge", 2024) over a row-major patch grid.
+
+    Parameters
+    ----------
+    candidates : Tensor ``[B, N]`` bool
+    counts : Tensor ``[B]`` integer, non-negative
+
+    Returns
+    -------
+    Tensor ``[B, N]`` bool
+        The picked positions (a subset of ``candidates``).
+
+    Examples
+    --------
+    >>> uniform_picks(torch.ones(1, 10, dtype=torch.bool), torch.tensor([3])).nonzero()[:, 1].tolist()
+    [0, 3, 6]
+    """
+    if not isinstance(candidates, Tensor) or candidates.ndim != 2 or candidates.dtype != torch.bool:
+        raise UniprunerError("candidates must be a bool tensor [B, N]")
+    if not isinstance(counts, Tensor) or tuple(counts.shape) != (candidates.shape[0],) or counts.is_floating_point():
+        raise UniprunerError(f"counts must be an integer tensor [B] = ({candidates.shape[0]},)")
+    if bool((counts < 0).any()):
+        raise UniprunerError("counts must be non-negative")
+    rank = torch.cumsum(candidates.long(), dim=1) - 1
+    n_cand = candidates.sum(dim=1)
+    c = torch.minimum(counts.long().to(candidates.device), n_cand)
+    step = torch.div(n_cand, c.clamp(min=1), rounding_mode="floor").clamp(min=1).unsqueeze(1)
+    return candidates & (rank % step == 0) & (torch.div(rank, step, rounding_mode="floor") < c.unsqueeze(1))
+
+
+def _pack(order_key: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Slots of the chosen positions ordered by ``order_key``: ``(positions [B, K], slot_of [B, N], K)``."""
+    b, n = chosen.shape
+    big = torch.iinfo(torch.long).max
+    k = int(chosen.sum(dim=1).max()) if b else 0
+    order = torch.sort(order_key.masked_fill(~chosen, big), dim=1, stable=True).indices[:, :k]
+    ok = torch.arange(k, device=chosen.device).unsqueeze(0) < chosen.sum(dim=1, keepdim=True)
+    positions = order.masked_fill(~ok, -1)
+    slot_of = torch.full((b, n + 1), -1, dtype=torch.long, device=chosen.device)
+    slot_of.scatter_(1, torch.where(ok, order, n), torch.arange(k, device=chosen.device).expand(b, k))
+    return positions, slot_of[:, :n], k
+
+
+def _check_select(x: Tensor, flags: Tensor, name: str) -> None:
+    if not isinstance(flags, Tensor) or flags.dtype != torch.bool or tuple(flags.shape) != tuple(x.shape[:2]):
+        raise UniprunerError(f"{name} must be a bool tensor [B, N] = {tuple(x.shape[:2])}")
+
+
+def contextual_merge(x: Tensor, dominant: Tensor, n_contextual: Tensor, *, metric: Tensor | None = None,
+                     size: Tensor | None = None, mask: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, MergePlan]:
+    """VisionZip's reduction: the dominant tokens, then contextual tokens merged from the rest.
+
+    Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+    CVPR 2025. The valid tokens that are not dominant are split into ``n_contextual[b]`` target
+    tokens, uniformly spaced in original order (:func:`uniform_picks`), and the others; each
+    other token joins the target it is most cosine-similar to (on ``metric``: VisionZip uses the
+    layer's keys), and every target becomes the size-weighted mean of itself and its members
+    (the plain mean of VisionZip when ``size`` is ``None``). A row with no target drops its
+    other tokens.
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``
+    dominant : Tensor ``[B, N]`` bool
+        The tokens kept as they are (valid positions only).
+    n_contextual : Tensor ``[B]`` integer
+        Contextual tokens per row (capped at the number of non-dominant valid tokens).
+    metric : Tensor ``[B, N, Dk]``, optional
+        What similarity is measured on (default ``x``).
+    size : Tensor ``[B, N, 1]``, optional
+        Tokens each input already stands for (default 1).
+    mask : Tensor ``[B, N]``, optional
+        Validity mask; masked tokens are discarded.
+
+    Returns
+    -------
+    (tokens ``[B, K, D]``, mask ``[B, K]`` or None, indices ``[B, K]``, sizes ``[B, K, 1]``, plan)
+        Each row holds its dominant tokens (original order) and then its contextual tokens (in
+        their targets' order), packed at the front; ``indices`` are the representatives' original
+        positions (``-1`` for padding); ``plan`` maps every input to its slot, so the sizes of a
+        row sum to its valid count when ``n_contextual >= 1``.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.1]]])
+    >>> out, _, idx, sz, _ = contextual_merge(x, torch.tensor([[False, True, False, False]]), torch.tensor([1]))
+    >>> idx.tolist(), sz[..., 0].tolist(), out[0, 1].tolist()
+    ([[1, 0]], [[1.0, 3.0]], [0.6666666865348816, 0.699999988079071])
+    """
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        raise UniprunerError("x must be a tensor [B, N, D]")
+    b, n = x.shape[:2]
+    mask = check_mask(mask, b, n)
+    valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+    _check_select(x, dominant, "dominant")
+    if bool((dominant & ~valid).any()):
+        raise UniprunerError("dominant tokens must be valid (unmasked) positions")
+    metric = x if metric is None else metric
+    if not isinstance(metric, Tensor) or metric.ndim != 3 or tuple(metric.shape[:2]) != (b, n):
+        raise UniprunerError(f"metric must be a tensor [B, N, Dk] with [B, N] = {(b, n)}")
+    rest = valid & ~dominant
+    targets = uniform_picks(rest, n_contextual)
+    others = rest & ~targets
+    sim = cosine_matrix(metric, metric).masked_fill(~targets.unsqueeze(1), -torch.inf)  # [B, N(from), N(to)]
+    nearest = sim.argmax(dim=-1)  # ties -> the first (lowest) target
+    pos = torch.arange(n, device=x.device).expand(b, n)
+    chosen = dominant | targets
+    positions, slot_of, k = _pack(pos + n * targets.long(), chosen)
+    dst = torch.where(chosen, slot_of, slot_of.gather(1, nearest))
+    has_target = targets.any(dim=1, keepdim=True)
+    dst = torch.where(chosen | (others & has_target), dst, torch.full_like(dst, -1))
+    pad = positions < 0
+    plan = MergePlan(dst, k, None if not bool(pad.any()) else ~pad)
+    merged, sizes = merge_wavg(plan, x, size)
+    return merged, plan.out_mask, positions, sizes, plan
+
+
+def knn_merge(x: Tensor, keep: Tensor, weights: Tensor, *, k: int = 32, metric: Tensor | None = None,
+              neighbours: Tensor | None = None, update: Tensor | None = None, size: Tensor | None = None,
+              mask: Tensor | None = None, extra: bool = False
+              ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, MergePlan]:
+    """LLaVA-PruMerge's merge: every kept token absorbs its ``k`` nearest tokens, attention-weighted.
+
+    Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
+    Models", 2024 (Algorithm 1, as in the released code): for a kept token ``p``, ``N_k(p)`` are
+    the ``k`` tokens ``j != p`` among ``neighbours`` (kept or pruned) with the largest cosine
+    similarity of ``metric`` (the layer's keys), and ``y_p = x_p + sum_{j in N_k(p)} w_j x_j``
+    with ``w`` the CLS attention (not renormalised, as released). With ``extra=True`` one more
+    token per row, ``sum_{j pruned} w_j x_j``, follows the kept ones (the released code's extra
+    token). The neighbourhoods overlap, so the returned ``plan`` is the partition used for sizes
+    and unmerging: each pruned valid token belongs to the extra token when there is one, else to
+    the kept token most similar to it.
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``
+    keep : Tensor ``[B, K]`` long
+        Sorted kept positions, right-padded with ``-1``.
+    weights : Tensor ``[B, N]``
+        Non-negative merge weights (PruMerge: the CLS attention); ignored at invalid positions.
+    k : int
+        Neighbours per kept token (capped at the tokens available).
+    metric : Tensor ``[B, N, Dk]``, optional
+        What similarity is measured on (default ``x``).
+    neighbours : Tensor ``[B, N]`` bool, optional
+        Tokens that may be merged into kept ones (default: the valid ones); e.g. without the CLS.
+    update : Tensor ``[B, K]`` bool, optional
+        Which kept slots absorb neighbours (default: all); e.g. not a protected CLS.
+    size : Tensor ``[B, N, 1]``, optional
+        Tokens each input already stands for (default 1); only the sizes use it.
+    mask : Tensor ``[B, N]``, optional
+        Validity mask.
+    extra : bool
+        Append the attention-weighted sum of the pruned tokens.
+
+    Returns
+    -------
+    (tokens ``[B, K (+1), D]``, mask or None, indices ``[B, K (+1)]``, sizes ``[B, K (+1), 1]``, plan)
+        ``indices`` are the kept positions and ``-1`` for the extra token and padding; a row's
+        extra token (when it has pruned tokens) sits right after its kept ones.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]])
+    >>> out, _, idx, sz, _ = knn_merge(x, torch.tensor([[0]]), torch.tensor([[0.5, 0.25, 0.25]]), k=1)
+    >>> out[0, 0].tolist(), sz[..., 0].tolist()
+    ([1.225000023841858, 0.02500000037252903], [[3.0]])
+    """
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        raise UniprunerError("x must be a tensor [B, N, D]")
+    _check_indices(x, keep)
+    b, n = x.shape[:2]
+    mask = check_mask(mask, b, n)
+    valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UniprunerError(f"k (neighbours per kept token) must be an int >= 1, got {k!r}")
+    if not isinstance(weights, Tensor) or tuple(weights.shape) != (b, n) or not weights.is_floating_point():
+        raise UniprunerError(f"weights must be a float tensor [B, N] = {(b, n)}")
+    w = torch.where(valid, weights, torch.zeros_like(weights))
+    if bool(torch.isnan(w).any()) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise UniprunerError("PruMerge weights the merged tokens by their attention, which must be finite and >= 0")
+    metric = x if metric is None else metric
+    if not isinstance(metric, Tensor) or metric.ndim != 3 or tuple(metric.shape[:2]) != (b, n):
+        raise UniprunerError(f"metric must be a tensor [B, N, Dk] with [B, N] = {(b, n)}")
+    if neighbours is None:
+        neighbours = valid
+    _check_select(x, neighbours, "neighbours")
+    pad = keep < 0
+    safe = keep.clamp(min=0)
+    if bool((~valid.gather(1, safe) & ~pad).any()):
+        raise UniprunerError("keep points at masked (padding) positions")
+    kk = keep.shape[1]
+    if update is None:
+        update = ~pad
+    if not isinstance(update, Tensor) or update.dtype != torch.bool or tuple(update.shape) != (b, kk):
+        raise UniprunerError(f"update must be a bool tensor [B, K] = {(b, kk)}")
+    update = update & ~pad
+    pos = torch.arange(n, device=x.device)
+    sim = cosine_matrix(batched_gather(metric, safe), metric)  # [B, K, N]
+    allowed = neighbours.unsqueeze(1) & (pos.view(1, 1, n) != safe.unsqueeze(-1)) & update.unsqueeze(-1)
+    top = sim.masked_fill(~allowed, -torch.inf).topk(min(k, n), dim=-1)
+    wk = torch.where(torch.isfinite(top.values), w.unsqueeze(1).expand(b, kk, n).gather(2, top.indices),
+                     torch.zeros_like(top.values))
+    dense = torch.zeros(b, kk, n, dtype=x.dtype, device=x.device).scatter_(2, top.indices, wk.to(x.dtype))
+    kept_x = batched_gather(x, safe)
+    tokens = torch.where(pad.unsqueeze(-1), torch.zeros_like(kept_x), kept_x + dense @ x)
+    kept = torch.zeros(b, n + 1, dtype=torch.bool, device=x.device)
+    kept.scatter_(1, torch.where(pad, n, keep), True)
+    pruned = valid & ~kept[:, :n]
+    slot = torch.arange(kk, device=x.device).expand(b, kk)
+    n_kept = (~pad).sum(dim=1)
+    if extra:
+        n_out = kk + 1
+        agg = (x * w.unsqueeze(-1).to(x.dtype) * pruned.unsqueeze(-1)).sum(dim=1, keepdim=True)
+        tokens = torch.cat([tokens, torch.zeros_like(tokens[:, :1])], dim=1)
+        tokens = tokens.scatter(1, n_kept.view(b, 1, 1).expand(b, 1, x.shape[2]), agg)
+        dst = n_kept.unsqueeze(1).expand(b, n).clone()
+        has_extra = pruned.any(dim=1)
+        out_ok = torch.arange(n_out, device=x.device).unsqueeze(0) < (n_kept + has_extra.long()).unsqueeze(1)
+        indices = torch.cat([keep, torch.full((b, 1), -1, dtype=keep.dtype, device=keep.device)], dim=1)
+    else:
+        n_out = kk
+        dst = sim.masked_fill(pad.unsqueeze(-1), -torch.inf).argmax(dim=1)  # [B, N]: most similar kept slot
+        out_ok = ~pad
+        indices = keep
+    dst = torch.cat([torch.where(pruned, dst, torch.full_like(dst, -1)), torch.zeros_like(dst[:, :1])], dim=1)
+    dst = dst.scatter(1, torch.where(pad, n, keep), slot)[:, :n]  # kept -> own slot; padding -> spare column
+    plan = MergePlan(dst, n_out, None if bool(out_ok.all()) else out_ok)
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    sizes = plan.merge(size.reshape(b, n, 1).to(x.dtype), mode="sum")
+    return tokens * out_ok.unsqueeze(-1).to(tokens.dtype), plan.out_mask, indices, sizes, plan

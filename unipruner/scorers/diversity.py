@@ -4,6 +4,7 @@
 * :func:`kcenter` — greedy k-center / farthest-first traversal on L2-normalised tokens.
 * :func:`mmr` — maximal marginal relevance: relevance to a query minus redundancy.
 * :func:`greedy_saliency_diversity` — saliency plus diversity, greedily (GreedyPrune-style).
+* :func:`crop_balanced` — HoloV's budget spread over spatial crops by their holistic score.
 
 Every selector returns sorted keep indices ``[B, K]`` long exactly like
 :func:`unipruner.select.topk`: the budget is resolved per row with
@@ -21,6 +22,7 @@ import numbers
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._ops import l2_normalize, pairwise_sq_dist
@@ -28,7 +30,7 @@ from .._validate import check_finite, check_mask, check_tokens, protected_mask
 from ..errors import UniprunerError
 from ..select import Budget
 
-__all__ = ["divprune", "greedy_saliency_diversity", "kcenter", "mmr"]
+__all__ = ["crop_balanced", "divprune", "greedy_saliency_diversity", "kcenter", "mmr"]
 
 # Upper bound on the elements of one [B, chunk, N] block of pairwise similarities.
 _BLOCK = 1 << 24
@@ -498,4 +500,198 @@ def greedy_saliency_diversity(tokens: Tensor, scores: Tensor,
     chosen = _greedy(prot.clone(), valid, counts, state,
                      lambda st: a * sal + (1.0 - a) * st, sal,
                      lambda st, p: torch.minimum(st, (1.0 - dot(p)) / 2.0))
+    return _indices(chosen, counts)
+
+
+def _check_pair(value: object, name: str) -> tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise UniprunerError(f"{name} must be a pair of ints >= 1 (rows, columns), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _crop_ids(b: int, n: int, cand: Tensor, hw: tuple[int, int] | None, crops: tuple[int, int]) -> Tensor:
+    """Crop of every position ``[B, N]`` (``-1`` outside every crop)."""
+    ch, cw = crops
+    c = ch * cw
+    dev = cand.device
+    if hw is None:  # contiguous runs of the candidates, the first n % c one longer (HoloV's released code)
+        rank = torch.cumsum(cand.long(), dim=1) - 1
+        total = cand.sum(dim=1, keepdim=True)
+        q, r = torch.div(total, c, rounding_mode="floor"), total % c
+        head = r * (q + 1)
+        crop = torch.where(rank < head, torch.div(rank, q + 1, rounding_mode="floor"),
+                           r + torch.div(rank - head, q.clamp(min=1), rounding_mode="floor"))
+        return torch.where(cand, crop, torch.full_like(crop, -1))
+    h, w = hw
+    g = torch.arange(n, device=dev) - (n - h * w)
+    row = torch.div(g, w, rounding_mode="floor")
+    col = g % w
+    crop = torch.div(row * ch, h, rounding_mode="floor") * cw + torch.div(col * cw, w, rounding_mode="floor")
+    return torch.where(g >= 0, crop, torch.full_like(crop, -1)).expand(b, n)
+
+
+def _allocate(picks: Tensor, weights: Tensor, cap: Tensor) -> Tensor:
+    """Spread ``picks [B]`` over crops by ``weights [B, C]`` within capacities ``cap [B, C]``.
+
+    Each round gives every open crop ``floor(share * left)`` (capped at its room) and then one
+    more token to the ``left`` open crops of largest weight (HoloV's remainder rule); full
+    crops close and their share goes to the others, so the budget is met exactly. Crops of zero
+    weight receive tokens only once the weighted ones are full.
+    """
+    alloc = torch.zeros_like(cap)
+    left = picks.clone()
+    c = cap.shape[1]
+    for _ in range(c + 2):
+        if not bool((left > 0).any()):
+            break
+        room = cap - alloc
+        open_ = room > 0
+        wo = torch.where(open_, weights, torch.zeros_like(weights))
+        total = wo.sum(dim=1, keepdim=True)
+        wo = torch.where(total > 0, wo / total.clamp(min=torch.finfo(wo.dtype).tiny),
+                         room.to(wo.dtype) / room.sum(dim=1, keepdim=True).clamp(min=1).to(wo.dtype))
+        share = torch.minimum(torch.floor(wo * left.unsqueeze(1).to(wo.dtype)).long(), room)
+        alloc = alloc + share
+        left = left - share.sum(dim=1)
+        open_ = alloc < cap
+        order = torch.sort(torch.where(open_, weights, torch.full_like(weights, -math.inf)), dim=1,
+                           descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(c, device=cap.device).expand_as(order))
+        give = open_ & (rank < torch.minimum(left, open_.sum(dim=1)).unsqueeze(1))
+        alloc = alloc + give.long()
+        left = left - give.sum(dim=1)
+    return alloc
+
+
+def crop_balanced(tokens: Tensor, scores: Tensor, budget: Budget | int | float | Tensor, *,
+                  hw: tuple[int, int] | None = None, crops: tuple[int, int] = (4, 4), alpha: float = 1.0,
+                  beta: float = 0.09, temperature: float = 1.0, mask: Tensor | None = None,
+                  protected: int | Tensor | None = None) -> Tensor:
+    """HoloV: spend the budget across spatial crops by their holistic score, then pick inside each.
+
+    Zou et al., "Don't Just Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic
+    Context Retention" (HoloV), NeurIPS 2025. Attention-only selection piles the budget onto one
+    salient region; HoloV splits the visual tokens into crops, gives each crop a share of the
+    budget that grows with its importance, and keeps the best tokens of every crop, so the
+    survivors cover the whole image.
+
+    Steps per row (``K`` = the budget's count, at least the protected tokens, which are kept):
+
+    1. crops: with ``hw = (h, w)`` the last ``h * w`` tokens are a row-major grid cut into
+       ``crops = (rows, cols)`` windows of (almost) equal size; without ``hw``, the valid
+       unprotected tokens in order are cut into ``rows * cols`` contiguous runs, the first ones
+       one token longer when the count does not divide (the released code's crops);
+    2. token score ``s_i = alpha * a_i + beta * v_i * mean_c(a) / mean_c(v)``: ``a`` = the
+       attention (``scores``), ``v_i`` = the variance of token ``i``'s cosine similarities to the
+       other tokens of its crop (its diversity), rescaled per crop to the attention's mean;
+    3. crop score ``S_c = mean_{i in c} s_i`` and share ``softmax(log S_c / temperature)``
+       (``temperature = 1``: proportional to ``S_c``, as released; smaller sharpens, larger
+       flattens); each crop gets ``floor(share * left)`` and the remainder goes one token each to
+       the crops of largest share; a crop's allotment never exceeds its tokens, the excess is
+       re-spread over the other crops, so exactly ``K`` tokens survive;
+    4. inside each crop its allotment of the highest ``s_i`` is kept (``beta = 0``: the highest
+       attention, as the released code does).
+
+    Parameters
+    ----------
+    tokens : Tensor ``[B, N, D]``
+        What the similarities are measured on (HoloV: the visual features).
+    scores : Tensor ``[B, N]``
+        Non-negative attention importance (e.g. :func:`~unipruner.scorers.importance.received_attention`).
+    budget : Budget, int, float or Tensor ``[B]``
+        Tokens kept, resolved per row on the valid count as in :func:`unipruner.select.topk`.
+    hw : (int, int), optional
+        The patch grid of the last ``h * w`` tokens; tokens before it must be protected.
+    crops : (int, int)
+        Crop rows and columns (16 crops by default, as released).
+    alpha, beta : float
+        Weights of attention and diversity in the token score (released: 1 and 0.09).
+    temperature : float
+        Sharpness of the budget allocation (``> 0``).
+    mask : Tensor ``[B, N]``, optional
+        Validity mask; masked positions are never picked and belong to no crop.
+    protected : int or bool Tensor ``[N]`` / ``[B, N]``, optional
+        Leading-token count or mask of tokens always kept.
+
+    Returns
+    -------
+    Tensor ``[B, K]`` long
+        Sorted keep indices; rows keeping fewer than ``K`` are right-padded with ``-1``.
+
+    Notes
+    -----
+    Deviations from the released code: crops follow the 2-D grid when ``hw`` is given; the
+    variance excludes a token's own (zeroed) similarity; a crop's excess allotment is re-spread
+    instead of lost (the released code then pads with zero tokens); inside a crop the holistic
+    score ranks the tokens (the released code uses attention alone: ``beta=0``). With the
+    released per-crop rescaling the diversity term adds ``beta * mean_c(a)`` to every crop
+    score, so the allocation itself follows the crops' mean attention.
+
+    Examples
+    --------
+    >>> x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+    >>> a = torch.zeros(1, 16); a[0, :4] = 1.0  # all the attention on the top row
+    >>> crop_balanced(x, a + 0.01, 4, hw=(4, 4), crops=(2, 2)).shape
+    torch.Size([1, 4])
+    """
+    def _scores(valid: Tensor, dtype: torch.dtype) -> Tensor:
+        return _check_row_scores(scores, valid.shape[0], valid.shape[1], valid, "scores", torch.float64)
+
+    x, valid, prot, counts, s = _setup(tokens, budget, mask, protected, "crop_balanced", _scores)
+    assert s is not None
+    b, n, _ = x.shape
+    if bool((s[valid] < 0).any()):
+        raise UniprunerError("HoloV spreads the budget by attention: scores must be >= 0 at valid positions")
+    ch, cw = _check_pair(crops, "crops")
+    for value, name in ((alpha, "alpha"), (beta, "beta")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UniprunerError(f"{name} must be a finite number >= 0, got {value!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature <= 0):
+        raise UniprunerError(f"temperature must be a finite number > 0, got {temperature!r}")
+    grid = None
+    if hw is not None:
+        grid = _check_pair(hw, "hw")
+        if grid[0] * grid[1] > n:
+            raise UniprunerError(f"hw={grid} is a grid of {grid[0] * grid[1]} tokens but the sequence has {n}")
+        lead = n - grid[0] * grid[1]
+        if bool((valid[:, :lead] & ~prot[:, :lead]).any()):
+            raise UniprunerError(f"the {lead} token(s) before the {grid[0]}x{grid[1]} grid belong to no crop: "
+                                 f"protect them (protected={lead}) or pass only the grid")
+    cand = valid & ~prot
+    crop = _crop_ids(b, n, cand, grid, (ch, cw))
+    cand = cand & (crop >= 0)
+    nc = ch * cw
+    member = F.one_hot(crop.clamp(min=0), nc).to(torch.float64) * cand.unsqueeze(-1).to(torch.float64)
+    size = member.sum(dim=1)  # [B, C]
+    with torch.no_grad():
+        xn = l2_normalize(x.detach())
+        sim = (xn @ xn.transpose(1, 2)).to(torch.float64)
+        same = (crop.unsqueeze(2) == crop.unsqueeze(1)) & cand.unsqueeze(2) & cand.unsqueeze(1)
+        same = same & ~torch.eye(n, dtype=torch.bool, device=x.device)
+        k = same.sum(dim=2).clamp(min=1).to(torch.float64)
+        mean = (sim * same).sum(dim=2) / k
+        var = (((sim - mean.unsqueeze(2)) ** 2) * same).sum(dim=2) / k
+        a = s.masked_fill(~cand, 0.0)
+        sum_a = torch.einsum("bn,bnc->bc", a, member)
+        sum_v = torch.einsum("bn,bnc->bc", var, member)
+        scale = torch.where(sum_v > 0, sum_a / sum_v.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+        token = float(alpha) * a + float(beta) * var * scale.gather(1, crop.clamp(min=0))
+        token = token.masked_fill(~cand, -math.inf)
+        crop_score = torch.einsum("bn,bnc->bc", token.masked_fill(~cand, 0.0), member) / size.clamp(min=1)
+        log_s = torch.where((crop_score > 0) & (size > 0), crop_score.clamp(min=torch.finfo(torch.float64).tiny).log(),
+                            torch.full_like(crop_score, -math.inf))
+        has = torch.isfinite(log_s).any(dim=1, keepdim=True)
+        share = torch.where(has, torch.softmax(torch.where(has, log_s, torch.zeros_like(log_s)) / temperature, dim=1),
+                            torch.zeros_like(log_s)).masked_fill(~torch.isfinite(log_s), 0.0)
+        alloc = _allocate(counts - prot.sum(dim=1), share, size.long())
+        # inside each crop: the allotment of the best token scores
+        order = torch.sort(token, dim=1, descending=True, stable=True).indices
+        crop_sorted = crop.gather(1, order)
+        cand_sorted = cand.gather(1, order)
+        hot = F.one_hot(crop_sorted.clamp(min=0), nc) * cand_sorted.unsqueeze(-1)
+        rank = (torch.cumsum(hot, dim=1) - 1).gather(2, crop_sorted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        take = cand_sorted & (rank < alloc.gather(1, crop_sorted.clamp(min=0)))
+        chosen = torch.zeros_like(cand).scatter_(1, order, take) | prot
     return _indices(chosen, counts)

@@ -12,7 +12,9 @@ Families
 --------
 * attention: :func:`cls_attention` (EViT), :func:`query_attention` (FastV, TOVA, SparseVLM),
   :func:`accumulated_attention` (H2O), :func:`snapkv` (+ :func:`group_heads`,
-  :func:`window_attention` to get the rows without eager attention), :func:`value_aware` (VATP);
+  :func:`window_attention` to get the rows without eager attention), :func:`value_aware` (VATP),
+  :func:`received_attention` (CLS or mean received attention of a vision tower: VisionZip, PruMerge,
+  HoloV) and :func:`iqr_outliers` (PruMerge's adaptive count);
 * attention-free: :func:`key_norm` (KNorm), :func:`hidden_norm`, :func:`token_transition`
   (TransPrune), :func:`positional` (StreamingLLM), :func:`idf` / :func:`idf_table` /
   :func:`stopword_mask` (ColBERT pruning), :func:`query_similarity` (text-guided / RAG),
@@ -40,12 +42,14 @@ __all__ = [
     "hidden_norm",
     "idf",
     "idf_table",
+    "iqr_outliers",
     "key_norm",
     "leading",
     "positional",
     "query_attention",
     "query_similarity",
     "random_scores",
+    "received_attention",
     "snapkv",
     "stopword_idf",
     "stopword_mask",
@@ -1086,3 +1090,120 @@ def stopword_idf(token_ids: Tensor, doc_freq: Tensor, n_docs: int, stop_ids: Ten
     s = idf(token_ids, doc_freq, n_docs, mask=mask)
     stop = stopword_mask(token_ids, stop_ids)
     return torch.where(stop, s - penalty, s)
+
+
+# ----------------------------------------------------------------------------- vision-tower signals
+
+
+def received_attention(attn: Tensor, *, cls_index: int | None = 0, mask: Tensor | None = None) -> Tensor:
+    """Attention each token receives: from the CLS token, or on average over the attending rows.
+
+    The importance signal of the vision-stage VLM methods: VisionZip's dominant tokens (Yang et
+    al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025),
+    LLaVA-PruMerge's outliers (Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for
+    Efficient Large Multimodal Models", 2024) and HoloV's crop scores (Zou et al., "Don't Just
+    Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic Context Retention", NeurIPS
+    2025) all read the CLS row of a late vision-tower layer. Towers without a CLS token (SigLIP)
+    use the mean attention each token receives instead (``cls_index=None``).
+
+    Parameters
+    ----------
+    attn : Tensor
+        One of
+
+        * ``[B, N]``: an importance vector already computed (returned as is, masked);
+        * ``[B, H, N, N]`` or ``[B, N, N]``: a full attention map; ``cls_index`` picks the row
+          of the CLS token, ``None`` averages the rows of the valid tokens;
+        * ``[B, H, Q, N]`` or ``[B, Q, N]`` with ``Q < N``: only the attending rows (e.g. the CLS
+          row recomputed from the layer's q/k, ``Q = 1``); ``cls_index`` picks one of the ``Q``
+          rows, ``None`` averages all of them.
+
+        Heads are averaged.
+    cls_index : int or None
+        Row of the CLS query (negative values count from the end); ``None``: mean over rows.
+    mask : Tensor ``[B, N]``, optional
+        Validity mask; masked tokens score ``-inf`` (and their rows are not averaged).
+
+    Returns
+    -------
+    Tensor ``[B, N]``
+
+    Examples
+    --------
+    >>> a = torch.tensor([[[0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]]])
+    >>> received_attention(a)
+    tensor([[0.1000, 0.6000, 0.3000]])
+    >>> received_attention(a, cls_index=None)
+    tensor([[0.2000, 0.3667, 0.4333]])
+    """
+    if isinstance(attn, Tensor) and attn.ndim == 2:
+        vec = _check_float_tensor(attn, "attn", min_ndim=2, shape_doc="[B, N]")
+        return _masked(_work(vec), check_mask(mask, vec.shape[0], vec.shape[1]))
+    attn = check_attention(attn)
+    b, _, q, n = attn.shape
+    mask = check_mask(mask, b, n)
+    a = _work(attn)
+    if cls_index is not None:
+        _check_int(cls_index, "cls_index", minimum=-q)
+        if cls_index >= q:
+            raise UniprunerError(f"cls_index={cls_index} is outside the {q} attention rows")
+        return _masked(a[:, :, cls_index, :].mean(dim=1), mask)
+    if q == n and mask is not None:
+        rows = mask.to(device=a.device, dtype=a.dtype)
+    else:
+        rows = torch.ones(b, q, dtype=a.dtype, device=a.device)
+    w = rows / rows.sum(dim=1, keepdim=True).clamp(min=1)
+    return _masked(torch.einsum("bhqn,bq->bn", a, w) / attn.shape[1], mask)
+
+
+def iqr_outliers(scores: Tensor, *, mask: Tensor | None = None, factor: float = 1.5) -> Tensor:
+    """Tokens whose score is an upper outlier of its row: ``score > Q3 + factor * (Q3 - Q1)``.
+
+    LLaVA-PruMerge's adaptive selection (Shang et al., "LLaVA-PruMerge: Adaptive Token
+    Reduction for Efficient Large Multimodal Models", 2024): the interquartile-range rule on the
+    CLS attention keeps a number of tokens that depends on the image. Quartiles are computed per
+    row over the valid tokens with linear interpolation (``numpy.percentile`` / ``torch.quantile``
+    default), in float64.
+
+    Parameters
+    ----------
+    scores : Tensor ``[B, N]``
+        Finite at valid positions.
+    mask : Tensor ``[B, N]``, optional
+        The tokens taking part (valid and, for PruMerge, not protected); others are never outliers.
+    factor : float
+        The IQR multiple (Tukey's fences: 1.5).
+
+    Returns
+    -------
+    Tensor ``[B, N]`` bool
+        A row with fewer than two tokens, or with no spread above Q3, has no outlier.
+
+    Examples
+    --------
+    >>> iqr_outliers(torch.tensor([[0.1, 0.1, 0.2, 0.1, 0.9, 0.1, 0.2, 0.1]]))
+    tensor([[False, False, False, False,  True, False, False, False]])
+    """
+    if not isinstance(scores, Tensor) or scores.ndim != 2 or not scores.is_floating_point():
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise UniprunerError(f"scores must be a floating-point tensor [B, N], got {shape}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+        raise UniprunerError(f"factor must be a finite number >= 0, got {factor!r}")
+    b, n = scores.shape
+    mask = check_mask(mask, b, n)
+    valid = torch.ones(b, n, dtype=torch.bool, device=scores.device) if mask is None else mask.to(scores.device)
+    s = scores.double()
+    if bool(torch.isnan(s).any()) or not bool(torch.isfinite(s[valid]).all()):
+        raise UniprunerError("scores must be finite at the valid positions")
+    count = valid.sum(dim=1, keepdim=True)
+    ordered = torch.sort(s.masked_fill(~valid, math.inf), dim=1).values
+
+    def quantile(p: float) -> Tensor:
+        pos = (count - 1).clamp(min=0).double() * p
+        lo = pos.floor().long()
+        hi = pos.ceil().long()
+        return torch.lerp(ordered.gather(1, lo), ordered.gather(1, hi), pos - lo.double())
+
+    q1, q3 = quantile(0.25), quantile(0.75)
+    bound = q3 + float(factor) * (q3 - q1)
+    return valid & (count >= 2) & (s > bound)
