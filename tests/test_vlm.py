@@ -189,6 +189,25 @@ def test_input_divprune_matches_reference_per_row(model: LlavaForConditionalGene
         assert got[i].tolist() == _reference_input(model, r, batch["pixel_values"][i:i + 1], k), f"row {i}"
 
 
+def test_owner_maps_every_patch(model: LlavaForConditionalGeneration) -> None:
+    rows = _rows()
+    batch = _batch(rows, seed=10)
+    with unipruner.vlm.patch(model, "divprune", keep=5) as h:
+        _generate(model, batch)
+        owner = h.stats().stages[0].owner
+    assert owner is not None and owner.shape == (2, N)
+    for i, r in enumerate(rows):
+        emb = _row_embeds(model, r, batch["pixel_values"][i:i + 1])
+        vis = torch.nonzero(torch.tensor(r) == IMG).flatten().tolist()
+        assert torch.nonzero(owner[i] >= 0).flatten().tolist() == _naive_divprune(emb[vis], 5)
+    with unipruner.vlm.patch(model, [stage("tome", ratio=0.5), stage("fastv", "llm", layer=2, keep=3)]) as h:
+        _generate(model, batch)
+        merged, pruned = h.stats().stages
+    assert bool((merged.owner >= 0).all())  # merging keeps every patch somewhere
+    assert [len(set(o.tolist())) for o in merged.owner] == [8, 8]
+    assert [len(set(o[o >= 0].tolist())) for o in pruned.owner] == [3, 3]
+
+
 def test_divprune_kept_set_is_the_papers() -> None:
     x = torch.randn(3, 20, 8, generator=torch.Generator().manual_seed(3))
     m = unipruner.method("divprune", keep=7)

@@ -75,6 +75,10 @@ class _Call:
     stats: list[StageStats] = field(default_factory=list)
     seq_before: list[int] = field(default_factory=list)
     logical: int | None = None  # the cache's logical length after this forward
+    origin: Tensor | None = None  # [Nv] current flat slot (b * S + s) of every original visual token, -1 = gone
+    n_images: int = 0
+    image_of: Tensor | None = None  # [Nv] image of every original visual token
+    patch_of: Tensor | None = None  # [Nv] its index inside its image
 
 
 class VLMHandle(PatchHandle):
@@ -264,6 +268,13 @@ class VLMHandle(PatchHandle):
             pos = base[None].expand(3, b, q) if host.mrope else base
         group = self._groups(state, visual)
         state.seq = _Seq(visual, group, valid & True, pos)
+        flat_vis = torch.nonzero(visual.flatten()).squeeze(1)
+        state.origin = flat_vis
+        img = group.flatten()[flat_vis] if state.settings.per_image else self._groups_per_image(state, visual)
+        state.image_of = img
+        state.n_images = int(img.max()) + 1 if img.numel() else 0
+        per = torch.bincount(img, minlength=state.n_images)
+        state.patch_of = torch.arange(img.numel(), device=img.device) - (torch.cumsum(per, 0) - per)[img]
         state.seq_before = [int(x) for x in valid.sum(-1).tolist()]
         n_vis = int(visual.sum())
         if n_vis == 0:
@@ -428,12 +439,13 @@ class VLMHandle(PatchHandle):
                 scores = m.score(hidden, mask=seq.valid, **self._llm_signals(state, st, hidden, pe, module, signals,
                                                                             full=True))
                 kept = topk(blk.take(scores[..., None])[..., 0], m.budget, mask=blk.mask)
-                new_tokens = None
+                new_tokens, plan, reps = None, None, kept
             else:
                 if st.where == "llm":
                     signals.update(self._llm_signals(state, st, hidden, pe, module, signals, full=False, blk=blk))
                 red = m.reduce(tokens, mask=blk.mask, **signals)
-                kept = red.indices
+                kept = reps = red.indices
+                plan = red.plan
                 ok = red.mask if red.mask is not None else torch.ones_like(kept, dtype=torch.bool)
                 is_agg = ok & (kept < 0)
                 kept = torch.where(ok & (kept >= 0), kept, torch.full_like(kept, -1))
@@ -441,12 +453,16 @@ class VLMHandle(PatchHandle):
                 if bool(is_agg.any()):
                     aggregates = (red.tokens, is_agg)
         n_out = (kept >= 0).sum(-1) + (0 if aggregates is None else aggregates[1].sum(-1))
-        state.stats.append(StageStats(st.where, st.layer, m.name, tuple(n_in.tolist()), tuple(n_out.tolist())))
         if bool((n_out == n_in).all()) and aggregates is None:
+            state.stats.append(self._stage_stats(state, st, n_in, n_out, None, seq.visual.shape[1]))
             return None  # keeps (and merges) nothing: the model runs exactly as unpatched
         if m.reduction == "drop":
             new_tokens = None  # dropped tokens leave the kept ones' values untouched
-        return self._apply(seq, blk, hidden, kept, new_tokens, aggregates)
+        out = self._apply(seq, blk, hidden, kept, new_tokens, aggregates)
+        dest, width = _destinations(seq, blk, kept, reps, plan, None if aggregates is None else aggregates[1])
+        state.origin = _follow(state.origin, dest, width, out[1])
+        state.stats.append(self._stage_stats(state, st, n_in, n_out, out[1], out[1].index.shape[1]))
+        return out
 
     def _apply(self, seq: _Seq, blk: Blocks, hidden: Tensor, kept: Tensor, new_tokens: Tensor | None,
                aggregates: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Packed, Tensor | None]:
@@ -567,6 +583,24 @@ class VLMHandle(PatchHandle):
             out["keys"] = blk.take(k.transpose(1, 2).flatten(2))
         return out
 
+    def _stage_stats(self, state: _Call, st: Stage, n_in: Tensor, n_out: Tensor, packed: Packed | None,
+                     width: int) -> StageStats:
+        """Counts, and which slot now holds every original patch of every image (for drawing)."""
+        assert state.origin is not None and state.image_of is not None and state.patch_of is not None
+        n_img = state.n_images
+        n_max = int(state.patch_of.max()) + 1 if state.patch_of.numel() else 0
+        owner = torch.full((n_img, n_max), -1, dtype=torch.long, device=state.origin.device)
+        owner[state.image_of, state.patch_of] = state.origin
+        return StageStats(st.where, st.layer, st.method.name, tuple(n_in.tolist()), tuple(n_out.tolist()),
+                          owner.cpu())
+
+    def _groups_per_image(self, state: _Call, visual: Tensor) -> Tensor:
+        counts = self.host.image_counts(int(visual.sum()), state.inputs)
+        if counts:
+            return torch.repeat_interleave(torch.arange(len(counts), device=visual.device),
+                                           torch.tensor(counts, device=visual.device))
+        return runs(visual)
+
     # -- helpers --------------------------------------------------------------------------------------
     def _visual_mask(self, state: _Call, embeds: Tensor) -> Tensor:
         ids = state.inputs.get("input_ids")
@@ -581,14 +615,8 @@ class VLMHandle(PatchHandle):
 
     def _groups(self, state: _Call, visual: Tensor) -> Tensor:
         b, q = visual.shape
-        n_vis = int(visual.sum())
         if state.settings.per_image:
-            counts = self.host.image_counts(n_vis, state.inputs)
-            if counts:
-                ids = torch.repeat_interleave(torch.arange(len(counts), device=visual.device),
-                                              torch.tensor(counts, device=visual.device))
-            else:
-                ids = runs(visual)
+            ids = self._groups_per_image(state, visual)
         else:
             ids = (torch.nonzero(visual.flatten()).squeeze(1) // q)
             ids = torch.unique_consecutive(ids, return_inverse=True)[1]
@@ -625,6 +653,55 @@ class VLMHandle(PatchHandle):
         additive = dtype if self._eager else None
         old = layer.slot_valid()
         return stored_slot_mask(old, valid_new, q, n_heads=old.shape[1], additive=additive)
+
+
+def _destinations(seq: _Seq, blk: Blocks, kept: Tensor, reps: Tensor, plan: Any, is_agg: Tensor | None
+                  ) -> tuple[Tensor, int]:
+    """Where every slot of ``seq`` goes, in the source of the packing (``[B, S + E]`` flattened), -1 = dropped.
+
+    Kept text and kept visual tokens stay; a token merged into another goes to its representative;
+    a token merged into an aggregate goes to that aggregate's extra column.
+    """
+    b, s = seq.visual.shape
+    n_blk, k = reps.shape
+    width = s + (n_blk * k if is_agg is not None else 0)
+    ext = (torch.arange(b * s, device=kept.device) // s) * width + torch.arange(b * s, device=kept.device) % s
+    dest = torch.where((seq.valid & ~seq.visual).flatten(), ext, torch.full_like(ext, -1))
+    live = blk.mask
+    if plan is None:  # dropping: kept block slots stay
+        hit = torch.zeros_like(blk.mask)
+        hit.scatter_(1, kept.clamp(min=0), kept >= 0)
+        own = blk.flat.clamp(min=0)
+        dest[own[hit & live]] = ext[own[hit & live]]
+        return dest, width
+    j = plan.dst  # [n_blk, N] -> output slot
+    ok = live & (j >= 0)
+    jj = j.clamp(min=0)
+    rep = reps.gather(1, jj)  # representative of each slot's output (block coordinates, -1 = aggregate)
+    rep_flat = blk.flat.gather(1, rep.clamp(min=0))
+    target = ext[rep_flat.clamp(min=0)]
+    if is_agg is not None:
+        row = blk.row[:, None].expand_as(jj)
+        col = torch.arange(n_blk, device=kept.device)[:, None] * k + jj
+        target = torch.where(rep >= 0, target, row * width + s + col)
+    else:
+        ok = ok & (rep >= 0)
+    own = blk.flat.clamp(min=0)
+    dest[own[ok]] = target[ok]
+    return dest, width
+
+
+def _follow(origin: Tensor | None, dest: Tensor, width: int, packed: Packed) -> Tensor:
+    """Compose the original visual tokens' current slots with one stage's destinations and packing."""
+    assert origin is not None
+    b, kmax = packed.index.shape
+    src = (torch.arange(b, device=dest.device)[:, None] * width + packed.index)[packed.valid]
+    inv = torch.full((b * width,), -1, dtype=torch.long, device=dest.device)
+    new = (torch.arange(b, device=dest.device)[:, None] * kmax + torch.arange(kmax, device=dest.device))[packed.valid]
+    inv[src] = new
+    alive = origin >= 0
+    d = torch.where(alive, dest[origin.clamp(min=0)], torch.full_like(origin, -1))
+    return torch.where(d >= 0, inv[d.clamp(min=0)], torch.full_like(d, -1))
 
 
 def _rows_needed(m: Method, n: int) -> int | str:

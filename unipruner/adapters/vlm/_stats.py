@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from torch import Tensor
 
 __all__ = ["StageStats", "VLMStats"]
 
 
 @dataclass(frozen=True)
 class StageStats:
-    """One stage of one call: visual tokens per image (or per row) before and after it."""
+    """One stage of one call: visual tokens per image (or per row) before and after it.
+
+    ``owner [n_images, N]`` gives, for every original visual token of every image, the slot of
+    the pruned sequence that now holds it (``-1`` = dropped): tokens sharing a slot were merged.
+    """
 
     where: str
     layer: int | None
     method: str
     before: tuple[int, ...]
     after: tuple[int, ...]
+    owner: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def kept(self) -> float:
