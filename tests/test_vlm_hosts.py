@@ -1,0 +1,238 @@
+"""The host matrix of unipruner.vlm: every supported VLM (tiny offline configs), the input and llm stages.
+
+For each host of :mod:`tests._tiny_vlm`: keep-all is the unpatched model (bit-identical logits and greedy
+tokens); ``unpatch()`` restores the model exactly (outputs and every module's hooks); a left-padded
+batch of two different images equals each row alone; the KV cache after a pruned prefill holds the kept
+length (input stage: every layer; ``llm`` stage at layer K: layers >= K only); ``stats()`` reports the
+visual tokens per image before and after the budget; pruned ``generate()`` is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from _tiny_vlm import HOSTS, IMAGE, inputs, row_inputs, tiny_vlm, visual_counts
+
+import unipruner
+from unipruner import Budget
+from unipruner.errors import UniprunerError
+
+NEW = 4  # greedy tokens generated per check
+
+#: (method, patch keywords) per stage: DivPrune (Alvar et al., CVPR 2025) and random at the LLM
+#: input, FastV (Chen et al., ECCV 2024) inside the LLM at layer 2 (after Qwen3-VL's 2 deepstack layers)
+PRUNED: dict[str, tuple[str, dict[str, Any]]] = {
+    "divprune-input": ("divprune", {"ratio": 0.5}),
+    "random-input": ("random", {"ratio": 0.5}),
+    "fastv-llm2": ("fastv", {"stage": "llm", "layer": 2, "ratio": 0.5}),
+    "fastv-llm1-keep": ("fastv", {"stage": "llm", "layer": 1, "keep": 4}),
+    "divprune-input-keep": ("divprune", {"keep": 6}),
+}
+#: the cases whose kept set is a function of each row alone (random draws depend on the batch)
+ROW_WISE = ["divprune-input", "divprune-input-keep", "fastv-llm2", "fastv-llm1-keep"]
+KEEP_ALL: dict[str, tuple[str, dict[str, Any]]] = {
+    "divprune-input": ("divprune", {"ratio": 1.0}),
+    "random-input": ("random", {"ratio": 1.0}),
+    "fastv-llm2": ("fastv", {"stage": "llm", "layer": 2, "ratio": 1.0}),
+}
+#: Qwen3-VL adds deepstack features after decoder layers 0 and 1 (its tiny config): llm stages need K >= 2
+DEEPSTACK = {"qwen3_vl": 2}
+
+
+@functools.cache
+def _model(host: str) -> Any:
+    return tiny_vlm(host)
+
+
+def _case(host: str, name: str, table: dict[str, tuple[str, dict[str, Any]]] = PRUNED) -> tuple[str, dict[str, Any]]:
+    method, kw = table[name]
+    layer = kw.get("layer")
+    if layer is not None and layer < DEEPSTACK.get(host, 0):
+        kw = {**kw, "layer": DEEPSTACK[host]}  # same case one layer deeper (layer 1 is refused: see below)
+    return method, kw
+
+
+def _generate(model: Any, x: dict[str, Any], n: int = NEW) -> torch.Tensor:
+    out = model.generate(**x, max_new_tokens=n, do_sample=False)
+    return out[:, x["input_ids"].shape[1]:]
+
+
+def _forward(model: Any, x: dict[str, Any], **kw: Any) -> Any:
+    with torch.no_grad():
+        return model(**x, **kw)
+
+
+def _expected_kept(kw: dict[str, Any], counts: list[int]) -> list[int]:
+    budget = Budget.coerce(None, ratio=kw.get("ratio"), keep=kw.get("keep"))
+    return [budget.count(n) for n in counts]
+
+
+def _hooks(model: torch.nn.Module) -> dict[str, tuple[Any, ...]]:
+    """Every hook dict of every module, by module name (the hook objects and their flags)."""
+    attrs = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+             "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks")
+    return {name: tuple(tuple(getattr(mod, a, {}).items()) for a in attrs) for name, mod in model.named_modules()}
+
+
+hosts = pytest.mark.parametrize("host", list(HOSTS))
+
+
+def test_matrix_covers_every_supported_host() -> None:
+    assert set(HOSTS.values()) == set(unipruner.vlm.SUPPORTED_HOSTS)
+
+
+@hosts
+def test_tiny_inputs_match_the_model(host: str) -> None:
+    """The fixture itself: rows differ in images and lengths, are left-padded, and run unpatched."""
+    model = _model(host)
+    x = inputs(model, 2)
+    mask = x["attention_mask"]
+    assert mask.ndim == 2 and bool(mask[:, -1].all()) and not bool(mask.all())  # left padding
+    assert (x["input_ids"] == IMAGE).sum(-1).tolist() == visual_counts(model, 2)
+    assert unipruner.vlm.find_host(model).image_token_id == IMAGE
+    alone = [row_inputs(model, i) for i in range(2)]
+    assert not torch.equal(alone[0]["pixel_values"].flatten()[:8], alone[1]["pixel_values"].flatten()[:8])
+    out = _forward(model, x)
+    for i, r in enumerate(alone):
+        n = r["input_ids"].shape[1]
+        torch.testing.assert_close(out.logits[i, -n:], _forward(model, r).logits[0], atol=1e-5, rtol=0)
+
+
+@hosts
+@pytest.mark.parametrize("case", list(KEEP_ALL))
+def test_keep_all_is_the_unpatched_model(host: str, case: str) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    ref_logits = _forward(model, x).logits
+    ref_tokens = _generate(model, x)
+    method, kw = _case(host, case, KEEP_ALL)
+    with unipruner.vlm.patch(model, method, **kw) as h:
+        logits = _forward(model, x).logits
+        tokens = _generate(model, x)
+        stats = h.stats()
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert stats.visual_kept == tuple(visual_counts(model, 2))
+
+
+@hosts
+def test_unpatch_restores_exactly(host: str) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    before_hooks = _hooks(model)
+    ref_logits = _forward(model, x).logits
+    ref_tokens = _generate(model, x)
+    assert unipruner.vlm.find(model) is None
+    for case in ("divprune-input", "fastv-llm2"):
+        method, kw = _case(host, case)
+        h = unipruner.vlm.patch(model, method, **kw)
+        assert unipruner.vlm.find(model) is h
+        assert _hooks(model) != before_hooks
+        pruned = _forward(model, x).logits
+        assert pruned.shape[1] < ref_logits.shape[1]
+        _generate(model, x)
+        h.unpatch()
+        assert unipruner.vlm.find(model) is None
+        assert _hooks(model) == before_hooks
+        assert torch.equal(_forward(model, x).logits, ref_logits)
+        assert torch.equal(_generate(model, x), ref_tokens)
+
+
+@hosts
+@pytest.mark.parametrize("case", ROW_WISE)
+def test_padded_batch_equals_each_row_alone(host: str, case: str) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    alone = [row_inputs(model, i) for i in range(2)]
+    method, kw = _case(host, case)
+    with unipruner.vlm.patch(model, method, **kw):
+        batch = _forward(model, x).logits
+        tokens = _generate(model, x)
+        for i, r in enumerate(alone):
+            own = _forward(model, r).logits[0]
+            n = own.shape[0]  # the row's kept tokens (left padding comes first in the batch)
+            torch.testing.assert_close(batch[i, -n:], own, atol=1e-5, rtol=0)
+            assert torch.equal(tokens[i], _generate(model, r)[0])
+
+
+@hosts
+@pytest.mark.parametrize("case", list(PRUNED))
+def test_kv_cache_holds_the_kept_length(host: str, case: str) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    width = x["input_ids"].shape[1]
+    counts = visual_counts(model, 2)
+    text = [int(n) - v for n, v in zip(x["attention_mask"].sum(-1).tolist(), counts, strict=True)]
+    method, kw = _case(host, case)
+    kept = _expected_kept(kw, counts)
+    # the longest row's kept tokens (shorter rows are left-padded to it)
+    packed = max(t + k for t, k in zip(text, kept, strict=True))
+    first = kw.get("layer", 0)
+    n_layers = len(unipruner.vlm.find_host(model).layers)
+    expected = tuple(width if i < first else packed for i in range(n_layers))
+    with unipruner.vlm.patch(model, method, **kw) as h:
+        out = _forward(model, x, use_cache=True)
+        stats = h.stats()
+    cache = out.cache  # transformers 5.24 names the output field `cache` (past_key_values is a deprecated alias)
+    assert stats.kv_slots == expected
+    assert tuple(int(layer.keys.shape[-2]) for layer in cache.layers) == expected
+    assert [cache.get_seq_length(i) for i in range(n_layers)] == [width] * n_layers  # logical length: all tokens
+    assert out.logits.shape[1] == packed
+
+
+@hosts
+@pytest.mark.parametrize("case", list(PRUNED))
+@pytest.mark.parametrize("per_image", [True, False])
+def test_stats_report_the_budget_per_image(host: str, case: str, per_image: bool) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    counts = visual_counts(model, 2)  # one image a row: per image == per row
+    method, kw = _case(host, case)
+    with unipruner.vlm.patch(model, method, per_image=per_image, **kw) as h:
+        _forward(model, x)
+        stats = h.stats()
+    assert len(stats.stages) == 1
+    st = stats.stages[0]
+    assert (st.where, st.layer, st.method) == (kw.get("stage", "input"), kw.get("layer"), method)
+    assert st.before == tuple(counts)
+    assert st.after == tuple(_expected_kept(kw, counts))
+    assert stats.visual_kept == st.after
+    assert stats.sequence == tuple(x["attention_mask"].sum(-1).tolist())
+
+
+@hosts
+@pytest.mark.parametrize("case", list(PRUNED))
+def test_pruned_generate_is_deterministic(host: str, case: str) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    method, kw = _case(host, case)
+    with unipruner.vlm.patch(model, method, **kw):
+        first = _generate(model, x, 8)
+        second = _generate(model, x, 8)
+    assert first.shape == (2, 8)
+    assert torch.equal(first, second)
+
+
+@hosts
+def test_same_length_rows_without_padding(host: str) -> None:
+    """``pad=False``: equal rows (different pixels) with an all-ones mask, pruned at both stages."""
+    model = _model(host)
+    x = inputs(model, 2, pad=False)
+    assert bool(x["attention_mask"].all())
+    for case in ("divprune-input", "fastv-llm2"):
+        method, kw = _case(host, case)
+        with unipruner.vlm.patch(model, method, **kw) as h:
+            tokens = _generate(model, x)
+            assert h.stats().visual_kept == tuple(_expected_kept(kw, visual_counts(model, 2, pad=False)))
+            alone = [_generate(model, row_inputs(model, i, pad=False))[0] for i in range(2)]
+        assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
+
+
+def test_qwen3_vl_llm_stage_must_follow_the_deepstack_layers() -> None:
+    model = _model("qwen3_vl")
+    with pytest.raises(UniprunerError, match="deepstack"):
+        unipruner.vlm.patch(model, "fastv", stage="llm", layer=1, keep=4)
+    assert unipruner.vlm.find(model) is None
