@@ -928,19 +928,21 @@ class PruMerge(MergingMethod):
     part in the IQR rule or the merging.
 
     Merging (:func:`unipruner.reduce.knn_merge`): every kept token ``p`` becomes
-    ``x_p + sum_{j in N_k(p)} a_j x_j`` over its ``k`` most key-similar other tokens (kept or
-    pruned), weighted by their attention ``a`` (cosine on ``keys`` when given, else on the
-    tokens). ``extra_token=True`` appends the released code's extra token ``sum_{j pruned} a_j x_j``
-    (one more than the budget). The plan / sizes partition the input by nearest kept token (or
-    into the extra token).
+    ``x_p + sum_{j in N_k(p)} a_j x_j`` over its ``k`` most key-similar pruned tokens
+    (``neighbours="all"``: any other token, kept or pruned, as the released code does), weighted
+    by their attention ``a`` (cosine on ``keys`` when given, else on the tokens).
+    ``extra_token=True`` appends the released code's extra token ``sum_{j pruned} a_j x_j`` (one
+    more than the budget). The plan / sizes partition the input by nearest kept token (or into
+    the extra token).
 
     Signals: ``attn`` (``[B, H, N, N]`` map, ``[B, H, Q, N]`` rows such as the CLS row, or a
     ``[B, N]`` vector; non-negative) and optional ``keys`` ``[B, N, Dk]``.
 
-    Deviations: head-averaged attention (the released code attends once over the concatenated
-    heads); the IQR count is used directly (the released code rounds ``N * count / N`` down);
-    a row always keeps at least one token; the merge weights are not renormalised, as released
-    (the paper writes a weighted average).
+    Deviations: neighbours are drawn from the pruned tokens by default, so a budget that keeps
+    every token leaves them unchanged (keep-all is the identity); head-averaged attention (the
+    released code attends once over the concatenated heads); the IQR count is used directly
+    (the released code rounds ``N * count / N`` down); a row always keeps at least one token;
+    the merge weights are not renormalised, as released (the paper writes a weighted average).
     """
 
     name: ClassVar[str] = "prumerge"
@@ -956,6 +958,7 @@ class PruMerge(MergingMethod):
     k: int = 32
     factor: float = 1.5
     extra_token: bool = False
+    neighbours: str = "pruned"
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -972,6 +975,8 @@ class PruMerge(MergingMethod):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise UniprunerError(f"{self.name}: k (neighbours merged per kept token) must be an int >= 1, "
                                  f"got {self.k!r}")
+        if self.neighbours not in ("pruned", "all"):
+            raise UniprunerError(f"{self.name}: neighbours must be 'pruned' or 'all', got {self.neighbours!r}")
         if not isinstance(self.extra_token, bool):
             raise UniprunerError(f"{self.name}: extra_token must be a bool, got {self.extra_token!r}")
         f = self.factor
@@ -1027,8 +1032,9 @@ class PruMerge(MergingMethod):
         valid = torch.isfinite(a) if mask is None else mask
         weights = torch.where(valid, a, torch.zeros_like(a)).to(tokens.dtype)
         update = (keep >= 0) & ~prot.gather(1, keep.clamp(min=0))
+        pool = valid & ~prot & (~kept if self.neighbours == "pruned" else torch.ones_like(kept))
         out, omask, idx, osizes, plan = _reduce.knn_merge(
-            tokens, keep, weights, k=self.k, metric=_metric(tokens, signals), neighbours=valid & ~prot,
+            tokens, keep, weights, k=self.k, metric=_metric(tokens, signals), neighbours=pool,
             update=update, size=sizes, mask=mask, extra=self.extra_token)
         return Reduced(out, omask, idx, osizes, plan)
 

@@ -283,7 +283,8 @@ def knn_merge(x: Tensor, keep: Tensor, weights: Tensor, *, k: int = 32, metric: 
 
     Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
     Models", 2024 (Algorithm 1, as in the released code): for a kept token ``p``, ``N_k(p)`` are
-    the ``k`` tokens ``j != p`` among ``neighbours`` (kept or pruned) with the largest cosine
+    the ``k`` tokens ``j != p`` among ``neighbours`` (the released code: every other token, kept
+    or pruned; :class:`unipruner.methods.PruMerge` defaults to the pruned ones) with the largest cosine
     similarity of ``metric`` (the layer's keys), and ``y_p = x_p + sum_{j in N_k(p)} w_j x_j``
     with ``w`` the CLS attention (not renormalised, as released). With ``extra=True`` one more
     token per row, ``sum_{j pruned} w_j x_j``, follows the kept ones (the released code's extra
