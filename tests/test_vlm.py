@@ -129,6 +129,30 @@ def _reference_input(model: LlavaForConditionalGeneration, ids: list[int], pix: 
     return _decode(model, h, cache, len(ids) - 1)
 
 
+def _reference_keep(model: LlavaForConditionalGeneration, ids: list[int], pix: torch.Tensor, kept: list[int]
+                    ) -> list[int]:
+    """The LM on the text plus the kept visual tokens (offsets inside the image), original positions."""
+    emb = _row_embeds(model, ids, pix)
+    vis = torch.nonzero(torch.tensor(ids) == IMG).flatten().tolist()
+    keep = sorted([i for i in range(len(ids)) if ids[i] != IMG] + [vis[j] for j in kept])
+    cache = DynamicCache(config=model.config.text_config)
+    h = _layers(model, emb[keep][None], torch.tensor([keep]), cache, 0, 4)
+    return _decode(model, h, cache, len(ids) - 1)
+
+
+@torch.no_grad()
+def _tower_cls_attention(model: LlavaForConditionalGeneration, pix: torch.Tensor) -> torch.Tensor:
+    """The CLS row of the feature layer's attention, read from an eager tower (``output_attentions``)."""
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    try:
+        out = tower(pix, output_attentions=True)
+    finally:
+        tower.set_attn_implementation("sdpa")
+    layer = len(out.attentions) + 1 + model.config.vision_feature_layer - 1  # the layer producing the features
+    return out.attentions[layer][:, :, 0, 1:].mean(1)
+
+
 def _fastv_scores(model: LlavaForConditionalGeneration, h_in: torch.Tensor, pos: torch.Tensor, layer: int
                   ) -> torch.Tensor:
     """FastV (Chen et al., ECCV 2024): attention of the last token in layer K-1, mean over heads."""
@@ -304,6 +328,56 @@ def test_no_cache_forward(model: LlavaForConditionalGeneration) -> None:
     assert out.logits.shape[1] == max(len(r) - N + 4 for r in _rows())
 
 
+@pytest.mark.parametrize("k", [4, 7])
+def test_vision_evit_matches_tower_attention(model: LlavaForConditionalGeneration, k: int) -> None:
+    """EViT at the tower (CLS attention of the feature layer, Liang et al. 2022), then the LM."""
+    rows = _rows()
+    batch = _batch(rows, seed=11)
+    with unipruner.vlm.patch(model, "evit", stage="vision", keep=k) as h:
+        got = _generate(model, batch)
+        owner = h.stats().stages[0].owner
+    cls = _tower_cls_attention(model, batch["pixel_values"])
+    for i, r in enumerate(rows):
+        top = sorted(torch.argsort(cls[i], descending=True, stable=True)[:k].tolist())
+        assert torch.nonzero(owner[i] >= 0).flatten().tolist() == top
+        assert got[i].tolist() == _reference_keep(model, r, batch["pixel_values"][i:i + 1], top), f"row {i}"
+
+
+def test_vision_visionzip_merges_before_the_projector(model: LlavaForConditionalGeneration) -> None:
+    rows = _rows()
+    batch = _batch(rows, seed=12)
+    with unipruner.vlm.patch(model, "visionzip", stage="vision", keep=6, contextual=2) as h:
+        together = _generate(model, batch)
+        st = h.stats().stages[0]
+        for i, r in enumerate(rows):
+            one = _batch([r], seed=12)
+            one["pixel_values"] = batch["pixel_values"][i:i + 1]
+            assert _generate(model, one)[0].tolist() == together[i].tolist()
+    assert st.after == (6, 6) and bool((st.owner >= 0).all())  # every patch went into a kept or contextual token
+    # the kept set is the core method's, fed with the tower's CLS attention and the layer's keys
+    cls = _tower_cls_attention(model, batch["pixel_values"])
+    with torch.no_grad():
+        hs = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+        tower = model.model.vision_tower
+        enc = getattr(tower, "vision_model", tower).encoder.layers[0]
+        kk = enc.self_attn.k_proj(enc.layer_norm1(hs[0]))[:, 1:]
+        feats = hs[-2][:, 1:]
+    want = unipruner.method("visionzip", keep=6, contextual=2).reduce(feats, attn=cls, keys=kk)
+    groups = [len(set(o.tolist())) for o in st.owner]
+    assert groups == [int(x) for x in (want.sizes[..., 0] > 0).sum(-1).tolist()]
+
+
+def test_vision_keep_all_and_adaptive(model: LlavaForConditionalGeneration) -> None:
+    batch = _batch(_rows(), seed=13)
+    ref = _generate(model, batch)
+    with unipruner.vlm.patch(model, "visionzip", stage="vision", ratio=1.0):
+        assert torch.equal(_generate(model, batch), ref)
+    with unipruner.vlm.patch(model, "prumerge", stage="vision") as h:  # PruMerge's IQR rule: ragged counts
+        _generate(model, batch)
+        after = h.stats().stages[0].after
+    assert all(1 <= a < N for a in after)
+
+
 # ------------------------------------------------------------------------------ handle contract
 
 
@@ -350,7 +424,9 @@ def test_bad_input(model: LlavaForConditionalGeneration) -> None:
     with pytest.raises(UniprunerError, match="stage='llm'"):
         unipruner.vlm.patch(model, "fastv", stage="input", keep=4)
     with pytest.raises(UniprunerError, match="stage must be"):
-        unipruner.vlm.patch(model, "divprune", stage="vision", keep=4)
+        unipruner.vlm.patch(model, "divprune", stage="tower", keep=4)
+    with pytest.raises(UniprunerError, match="per_image=True"):
+        unipruner.vlm.patch(model, "visionzip", stage="vision", keep=4, per_image=False)
     with pytest.raises(UniprunerError, match="vlm domain"):
         unipruner.vlm.patch(model, "knorm", keep=4)
     with pytest.raises(UniprunerError, match="no budget"):

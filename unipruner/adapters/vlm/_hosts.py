@@ -73,6 +73,10 @@ class VLMHost:
     grid: tuple[int, int] | None = None
     text_config: Any = field(default=None, repr=False)
     config: Any = field(default=None, repr=False)
+    vision_attn: nn.Module | None = field(default=None, repr=False)
+    projector: nn.Module | None = field(default=None, repr=False)
+    vision_cls: bool = False
+    vision_reason: str = "the vision stage is implemented for LLaVA 1.5 (CLIP / SigLIP towers, per-token projector)"
 
     @property
     def n_layers(self) -> int:
@@ -86,6 +90,12 @@ class VLMHost:
         keyword inputs (``image_grid_thw`` for Qwen-VL). Falls back to one block per run of
         placeholders when the host does not fix the count (see :func:`runs`).
         """
+        enc = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        pooled = getattr(enc, "pooler_output", None)
+        if isinstance(pooled, (list, tuple)) and pooled and all(isinstance(p, Tensor) for p in pooled):
+            counts = [int(p.shape[0]) for p in pooled]  # generate() encodes the images before the prefill
+            if sum(counts) == n_visual:
+                return counts
         thw = inputs.get("image_grid_thw")
         if self.mrope and isinstance(thw, Tensor):
             merge = int(getattr(self.config.vision_config, "spatial_merge_size", 2))
@@ -155,8 +165,13 @@ def find_host(model: object) -> VLMHost:
     if cls_name == "LlavaForConditionalGeneration":
         vc = cfg.vision_config
         side = int(vc.image_size) // int(vc.patch_size)
-        host.tokens_per_image = side * side + (1 if cfg.vision_feature_select_strategy == "full" else 0)
-        host.grid = (side, side) if cfg.vision_feature_select_strategy == "default" else None
+        # transformers 5.x: CLIPVisionModel / SiglipVisionModel hold embeddings / encoder directly (no .vision_model)
+        tower = getattr(body.vision_tower, "vision_model", body.vision_tower)
+        has_cls = hasattr(getattr(tower, "embeddings", None), "class_embedding")
+        full = cfg.vision_feature_select_strategy == "full"
+        host.tokens_per_image = side * side + (1 if full and has_cls else 0)
+        host.grid = (side, side) if host.tokens_per_image == side * side else None
+        _llava_vision(host, body, cfg, has_cls and not full)
     elif cls_name in ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
         n = int(getattr(cfg, "image_seq_len", 0) or 0)
         if not n:
@@ -166,6 +181,29 @@ def find_host(model: object) -> VLMHost:
     elif cls_name == "Qwen3VLForConditionalGeneration":
         host.deepstack = len(getattr(cfg.vision_config, "deepstack_visual_indexes", ()) or ())
     return host
+
+
+def _llava_vision(host: VLMHost, body: nn.Module, cfg: Any, drop_cls: bool) -> None:
+    """The tower layer whose output LLaVA projects, and its projector (what the vision stage hooks)."""
+    layer = cfg.vision_feature_layer
+    tower: Any = getattr(body.vision_tower, "vision_model", body.vision_tower)
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if not isinstance(layer, int) or layers is None:
+        host.vision_reason = ("the vision stage needs one vision_feature_layer (an int) and a CLIP / SigLIP encoder; "
+                              f"this model has vision_feature_layer={layer!r}")
+        return
+    idx = layer if layer >= 0 else len(layers) + 1 + layer  # index into hidden_states (0 = embeddings)
+    if not 1 <= idx <= len(layers):
+        host.vision_reason = f"vision_feature_layer={layer} selects the patch embeddings: no attention to score with"
+        return
+    attn = getattr(layers[idx - 1], "self_attn", None)
+    if attn is None or not hasattr(attn, "q_proj"):
+        host.vision_reason = f"{type(layers[idx - 1]).__name__} has no self_attn with q_proj / k_proj"
+        return
+    host.vision_attn = attn
+    projector: Any = body.multi_modal_projector
+    host.projector = projector
+    host.vision_cls = drop_cls
 
 
 def runs(visual: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from ...hosts.cache import CompressedCache, CompressedLayer, Step
 from ...hosts.hf_attention import AttentionLayer, attention_layers, attention_rows, keys
 from ...hosts.masks import stored_slot_mask
 from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
-from ...methods import Method, ScoringMethod
+from ...methods import Method, Reduced, ScoringMethod
 from ...select import Budget, topk
 from ._hosts import find_host, runs
 from ._layout import Blocks, Packed, blocks, gather_last, pack, row_query
@@ -59,12 +59,24 @@ class _Seq:
 
 
 @dataclass
+class _Decision:
+    """What one stage decided for its blocks (block coordinates)."""
+
+    kept: Tensor  # [n, K] kept representatives, -1 padded
+    reps: Tensor  # [n, K_out] representative of every output slot (-1: aggregate / padding)
+    plan: Any  # MergePlan over the block slots, or None (dropping)
+    new_tokens: Tensor | None  # [n, K_out, D] output values (merging), or None
+    aggregates: tuple[Tensor, Tensor] | None  # (values [n, K_out, D], is_aggregate [n, K_out])
+
+
+@dataclass
 class _Call:
     """State of one forward through the body (a ContextVar value)."""
 
     settings: VLMSettings
     inputs: dict[str, Any]
     token: Any = None
+    pending: bool = False  # vision-side state recorded outside a body call (generate() encodes images first)
     seq: _Seq | None = None
     cache: CompressedCache | None = None
     mask: Any = None  # the attention mask of the packed sequence (prefill), for layers after a stage
@@ -75,6 +87,8 @@ class _Call:
     stats: list[StageStats] = field(default_factory=list)
     seq_before: list[int] = field(default_factory=list)
     logical: int | None = None  # the cache's logical length after this forward
+    vision: tuple[Tensor, Tensor, float] | None = None  # (queries, keys [n_img, H, T, Dh], scale) of the tower layer
+    vision_decision: _Decision | None = None
     origin: Tensor | None = None  # [Nv] current flat slot (b * S + s) of every original visual token, -1 = gone
     n_images: int = 0
     image_of: Tensor | None = None  # [Nv] image of every original visual token
@@ -118,6 +132,11 @@ class VLMHandle(PatchHandle):
     def _check(self, settings: VLMSettings) -> None:
         n = self.host.n_layers
         for st in settings.stages:
+            if st.where == "vision" and self.host.vision_attn is None:
+                raise UniprunerError(
+                    f"stage='vision' is not available on {self.host.cls_name}: {self.host.vision_reason}; use "
+                    "stage='input' (methods needing attention: stage='llm', layer=K)"
+                )
             if st.where == "llm":
                 assert st.layer is not None
                 if st.layer >= n:
@@ -178,6 +197,10 @@ class VLMHandle(PatchHandle):
     # -- install ----------------------------------------------------------------------------------
     def _install(self) -> None:
         h = self.host
+        if h.vision_attn is not None and h.projector is not None:
+            self.add_hook(h.vision_attn, "forward_pre", self._vision_attn_pre, with_kwargs=True)
+            self.add_hook(h.projector, "forward_pre", self._projector_pre)
+            self.add_hook(h.projector, "forward", self._projector_post)
         self.add_hook(h.body, "forward_pre", self._body_pre, with_kwargs=True)
         self.add_hook(h.body, "forward", self._body_post, with_kwargs=True, always_call=True)
         self.add_hook(h.language_model, "forward_pre", self._lm_pre, with_kwargs=True)
@@ -194,7 +217,12 @@ class VLMHandle(PatchHandle):
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
+        prev = self.call_state()
         state = _Call(self.vlm_settings, inputs)
+        if isinstance(prev, _Call) and prev.pending:
+            self.end_call()  # adopt what the tower and projector decided when generate() encoded the images
+            if inputs.get("pixel_values") is None:
+                state.vision, state.vision_decision = prev.vision, prev.vision_decision
         state.token = self.begin_call(state)
 
     def _body_post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -206,6 +234,107 @@ class VLMHandle(PatchHandle):
         if state.stats:
             self.publish(VLMStats(tuple(state.stats), tuple(state.seq_before),
                                   _kv_slots(state.cache), self.host.n_layers))
+
+    # -- hooks: vision tower and projector (stage="vision") --------------------------------------
+    def _vision_stage(self, state: Any) -> Stage | None:
+        if not isinstance(state, _Call):
+            return None
+        return next((s for s in state.settings.stages if s.where == "vision"), None)
+
+    def _vision_state(self) -> _Call | None:
+        """The call state for the tower's hooks; a pending one when the tower runs outside a body call."""
+        state = self.call_state()
+        if state is None and any(s.where == "vision" for s in self.vlm_settings.stages):
+            state = _Call(self.vlm_settings, {}, pending=True)
+            self.begin_call(state)
+        return state if isinstance(state, _Call) else None
+
+    def _vision_attn_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state = self._vision_state()
+        if self._vision_stage(state) is None:
+            return
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(x, Tensor):
+            return
+        attn: Any = module
+        n, t, _ = x.shape
+        heads = int(getattr(attn, "num_heads", 0) or attn.config.num_attention_heads)
+        dh = int(attn.head_dim)
+        with torch.no_grad():
+            q = attn.q_proj(x).view(n, t, heads, dh).transpose(1, 2)
+            k = attn.k_proj(x).view(n, t, heads, dh).transpose(1, 2)
+        assert isinstance(state, _Call)
+        state.vision = (q, k, float(getattr(attn, "scale", dh ** -0.5)))
+
+    def _vision_signals(self, m: Method, feats: Tensor, q: Tensor, k: Tensor, scale: float
+                        ) -> tuple[dict[str, Any], Tensor | None]:
+        """Signals of the tower's feature layer: (per-patch signals, full scores of a scoring method or None).
+
+        Scoring methods (EViT's CLS attention, ...) score the tower's whole sequence from its full
+        attention map, CLS included, and the CLS column is then dropped with the CLS feature; the
+        other methods receive the attention each patch receives (the CLS row, or the mean over
+        rows for towers without CLS, as VisionZip / PruMerge / HoloV read it) and the layer's keys.
+        """
+        cls = 1 if self.host.vision_cls else 0
+        keys_ = k[:, :, cls:].transpose(1, 2).flatten(2)
+        signals: dict[str, Any] = {"keys": keys_}
+        grid = self.host.grid
+        if grid is not None and grid[0] * grid[1] == feats.shape[1]:
+            signals["hw"] = grid
+        with torch.no_grad():
+            rows = q[:, :, :1] if cls else q
+            probs = torch.softmax((rows.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+            if isinstance(m, ScoringMethod) and "attn" in m.requires:
+                full = probs if not cls else torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+                pad = feats.new_zeros(feats.shape[0], cls, feats.shape[2])
+                scores = m.score(torch.cat([pad, feats], 1), attn=full.to(feats.dtype), keys=torch.cat(
+                    [k[:, :, :cls].transpose(1, 2).flatten(2), keys_], 1))
+                return signals, scores[:, cls:]
+            signals["attn"] = probs.mean(dim=(1, 2))[:, cls:].to(feats.dtype)
+        return signals, None
+
+    def _projector_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        state = self._vision_state()
+        st = self._vision_stage(state)
+        if st is None or not args or not isinstance(args[0], Tensor):
+            return None
+        assert isinstance(state, _Call)
+        feats = args[0]
+        cls = 1 if self.host.vision_cls else 0
+        if state.vision is None or (state.vision[0].shape[0], state.vision[0].shape[2] - cls) != feats.shape[:2]:
+            got = None if state.vision is None else tuple(state.vision[0].shape)
+            raise UniprunerError(f"stage='vision': the tower's attention covers {got} tokens but the projector "
+                                 f"received features {tuple(feats.shape[:2])}")
+        q, k, scale = state.vision
+        m = st.method
+        if m.budget is not None and m.budget.keep is not None and m.budget.keep > feats.shape[1]:
+            raise UniprunerError(f"keep={m.budget.keep} is more than the {feats.shape[1]} visual tokens of an image")
+        signals, scores = self._vision_signals(m, feats, q, k, scale)
+        with torch.no_grad():
+            if scores is not None:
+                kept = topk(scores, m.budget)
+                d = _Decision(kept, kept, None, None, None)
+            else:
+                d = _decide(m.reduce(feats, **signals))
+        state.vision_decision = d
+        if m.reduction == "drop" or d.new_tokens is None:
+            return None
+        merged = feats.clone()  # merged values replace their representative before the projector
+        reps = d.reps >= 0
+        rows = torch.arange(feats.shape[0], device=feats.device)[:, None].expand_as(d.reps)
+        merged[rows[reps], d.reps[reps]] = d.new_tokens[reps].to(feats.dtype)
+        return (merged, *args[1:])
+
+    def _projector_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        state = self._vision_state()
+        if self._vision_stage(state) is None:
+            return
+        assert isinstance(state, _Call)
+        d = state.vision_decision
+        if d is not None and d.aggregates is not None:  # contextual / fused tokens: projected like the others
+            vals, is_agg = d.aggregates
+            with torch.no_grad():
+                d.aggregates = (module.forward(vals.to(args[0].dtype)), is_agg)
 
     # -- hooks: language model ----------------------------------------------------------------------
     def _lm_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -283,9 +412,13 @@ class VLMHandle(PatchHandle):
                 "tokens: call the model with images (or unpatch it for text-only prompts)"
             )
         cache = state.cache
+        vis_stage = self._vision_stage(state)
+        if vis_stage is not None:
+            embeds = self._apply_vision(state, vis_stage, kwargs, embeds)
         inp = next((s for s in state.settings.stages if s.where == "input"), None)
         if inp is not None:
-            query = row_query(embeds, valid & ~visual)
+            seq0 = state.seq
+            query = row_query(embeds, seq0.valid & ~seq0.visual)
             result = self._run_stage(state, inp, embeds, query=query)
             if result is not None:
                 new_embeds, packed, agg_pos = result
@@ -303,6 +436,30 @@ class VLMHandle(PatchHandle):
             cache.plan = state.settings
         state.logical = q
         return (), kwargs
+
+    def _apply_vision(self, state: _Call, st: Stage, kwargs: dict[str, Any], embeds: Tensor) -> Tensor:
+        d = state.vision_decision
+        if d is None:
+            raise UniprunerError("stage='vision': the vision tower did not run in this call (pixel_values missing?)")
+        state.vision_decision = None
+        seq = state.seq
+        assert seq is not None
+        blk = self._blocks(seq)
+        if tuple(blk.flat.shape) != (d.kept.shape[0], self.host.tokens_per_image or -1):
+            raise UniprunerError(f"stage='vision' decided for {d.kept.shape[0]} images but the prompt holds "
+                                 f"{blk.flat.shape[0]} blocks of {blk.flat.shape[1]} visual tokens")
+        d.new_tokens = None  # the merged values went through the projector into the embeddings already
+        result = self._commit(state, st, blk, embeds, d)
+        if result is None:
+            return embeds
+        new_embeds, packed, agg_pos = result
+        kwargs["inputs_embeds"] = new_embeds
+        kwargs["position_ids"] = self._positions(state, seq, packed, agg_pos)
+        kwargs["attention_mask"] = self._mask(packed.valid, None, new_embeds.dtype)
+        self._deepstack(kwargs, state, packed)
+        state.first_pruned = 0
+        state.seq = _Seq(*self._packed_seq(seq, packed, kwargs["position_ids"]))
+        return new_embeds
 
     def _decode(self, state: _Call, kwargs: dict[str, Any], cache: CompressedCache, embeds: Tensor,
                 valid_new: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -418,7 +575,7 @@ class VLMHandle(PatchHandle):
         m = st.method
         blk = self._blocks(seq)
         n_in = blk.counts
-        if isinstance(m.budget, Budget) and m.budget.keep is not None:
+        if m.budget is not None and m.budget.keep is not None:
             low = int(n_in.min())
             if m.budget.keep > low:
                 raise UniprunerError(
@@ -433,7 +590,6 @@ class VLMHandle(PatchHandle):
             query = row_query(hidden, seq.valid & ~seq.visual)
         signals["query"] = query[blk.row]
         tokens = blk.take(hidden)
-        aggregates = None
         with torch.no_grad():
             if st.where == "llm" and isinstance(m, ScoringMethod):
                 scores = m.score(hidden, mask=seq.valid, **self._llm_signals(state, st, hidden, pe, module, signals,
@@ -443,25 +599,25 @@ class VLMHandle(PatchHandle):
             else:
                 if st.where == "llm":
                     signals.update(self._llm_signals(state, st, hidden, pe, module, signals, full=False, blk=blk))
-                red = m.reduce(tokens, mask=blk.mask, **signals)
-                kept = reps = red.indices
-                plan = red.plan
-                ok = red.mask if red.mask is not None else torch.ones_like(kept, dtype=torch.bool)
-                is_agg = ok & (kept < 0)
-                kept = torch.where(ok & (kept >= 0), kept, torch.full_like(kept, -1))
-                new_tokens = red.tokens
-                if bool(is_agg.any()):
-                    aggregates = (red.tokens, is_agg)
-        n_out = (kept >= 0).sum(-1) + (0 if aggregates is None else aggregates[1].sum(-1))
-        if bool((n_out == n_in).all()) and aggregates is None:
-            state.stats.append(self._stage_stats(state, st, n_in, n_out, None, seq.visual.shape[1]))
+                return self._commit(state, st, blk, hidden, _decide(m.reduce(tokens, mask=blk.mask, **signals)))
+        return self._commit(state, st, blk, hidden, _Decision(kept, reps, plan, new_tokens, None))
+
+    def _commit(self, state: _Call, st: Stage, blk: Blocks, hidden: Tensor, d: _Decision
+                ) -> tuple[Tensor, Packed, Tensor | None] | None:
+        """Apply one stage's decision to the running sequence (or nothing, when it keeps everything)."""
+        seq = state.seq
+        assert seq is not None
+        n_in = blk.counts
+        n_out = (d.kept >= 0).sum(-1) + (0 if d.aggregates is None else d.aggregates[1].sum(-1))
+        if bool((n_out == n_in).all()) and d.aggregates is None:
+            state.stats.append(self._stage_stats(state, st, n_in, n_out))
             return None  # keeps (and merges) nothing: the model runs exactly as unpatched
-        if m.reduction == "drop":
-            new_tokens = None  # dropped tokens leave the kept ones' values untouched
-        out = self._apply(seq, blk, hidden, kept, new_tokens, aggregates)
-        dest, width = _destinations(seq, blk, kept, reps, plan, None if aggregates is None else aggregates[1])
+        new_tokens = None if st.method.reduction == "drop" else d.new_tokens  # dropping leaves values untouched
+        out = self._apply(seq, blk, hidden, d.kept, new_tokens, d.aggregates)
+        dest, width = _destinations(seq, blk, d.kept, d.reps, d.plan,
+                                    None if d.aggregates is None else d.aggregates[1])
         state.origin = _follow(state.origin, dest, width, out[1])
-        state.stats.append(self._stage_stats(state, st, n_in, n_out, out[1], out[1].index.shape[1]))
+        state.stats.append(self._stage_stats(state, st, n_in, n_out))
         return out
 
     def _apply(self, seq: _Seq, blk: Blocks, hidden: Tensor, kept: Tensor, new_tokens: Tensor | None,
@@ -559,7 +715,8 @@ class VLMHandle(PatchHandle):
             pe_prev = _expand_pe(pe_prev, h_prev.shape[0])
             ks = keys(spec, h_prev, *pe_prev)
             kvalid = seq.valid[:, None, :].expand(ks.shape[0], ks.shape[1], ks.shape[2])
-            out["attn"] = attention_rows(spec, h_prev, pe_prev, ks, _rows_needed(m, hidden.shape[1]), kvalid)
+            out["attn"] = attn_rows = attention_rows(spec, h_prev, pe_prev, ks, _rows_needed(m, hidden.shape[1]),
+                                                     kvalid)
             if "text_queries" in m.requires:
                 n = out["attn"].shape[2]
                 out["text_queries"] = (seq.valid & ~seq.visual)[:, -n:]
@@ -574,6 +731,9 @@ class VLMHandle(PatchHandle):
             return out
         assert blk is not None
         out = dict(base)
+        if "attn" in m.requires:  # per-block methods get the attention each token receives from the rows
+            received = attn_rows.float().mean(dim=(1, 2))
+            out["attn"] = blk.take(received[..., None])[..., 0]
         if prev is not None:
             out["previous"] = blk.take(prev)
         if pe is not None and st.layer in self._specs and module is not None:
@@ -583,8 +743,7 @@ class VLMHandle(PatchHandle):
             out["keys"] = blk.take(k.transpose(1, 2).flatten(2))
         return out
 
-    def _stage_stats(self, state: _Call, st: Stage, n_in: Tensor, n_out: Tensor, packed: Packed | None,
-                     width: int) -> StageStats:
+    def _stage_stats(self, state: _Call, st: Stage, n_in: Tensor, n_out: Tensor) -> StageStats:
         """Counts, and which slot now holds every original patch of every image (for drawing)."""
         assert state.origin is not None and state.image_of is not None and state.patch_of is not None
         n_img = state.n_images
@@ -653,6 +812,15 @@ class VLMHandle(PatchHandle):
         additive = dtype if self._eager else None
         old = layer.slot_valid()
         return stored_slot_mask(old, valid_new, q, n_heads=old.shape[1], additive=additive)
+
+
+def _decide(red: Reduced) -> _Decision:
+    """A method's :class:`~unipruner.methods.Reduced` as a stage decision (aggregates = valid slots with no index)."""
+    reps = red.indices
+    ok = red.mask if red.mask is not None else torch.ones_like(reps, dtype=torch.bool)
+    is_agg = ok & (reps < 0)
+    kept = torch.where(ok & (reps >= 0), reps, torch.full_like(reps, -1))
+    return _Decision(kept, reps, red.plan, red.tokens, (red.tokens, is_agg) if bool(is_agg.any()) else None)
 
 
 def _destinations(seq: _Seq, blk: Blocks, kept: Tensor, reps: Tensor, plan: Any, is_agg: Tensor | None

@@ -23,11 +23,14 @@ __all__ = ["POSITIONS", "SIGNALS", "STAGES", "VLM_METHODS", "Stage", "VLMSetting
 #: Registry methods the VLM adapter runs: exactly those whose domains include "vlm".
 VLM_METHODS: tuple[str, ...] = tuple(sorted(n for n, c in REGISTRY.items() if "vlm" in c.domains))
 
-STAGES = ("input", "llm")
+STAGES = ("vision", "input", "llm")
 POSITIONS = ("original", "compact")
 
 #: signals each stage can give a method (besides the tokens themselves)
 SIGNALS: dict[str, frozenset[str]] = {
+    # the vision tower's features before the projector; the attention each patch receives in the tower's
+    # feature layer (CLS row, or mean received attention without CLS) and that layer's keys
+    "vision": frozenset({"attn", "keys", "hw"}),
     # projected visual features at the LLM input; the text of the row as a query
     "input": frozenset({"query", "hw"}),
     # hidden states entering decoder layer K; attention rows recomputed from layer K-1's q/k
@@ -46,6 +49,9 @@ class Stage:
         The registry method, with its budget (fraction or count of the visual tokens that reach
         this stage that it keeps).
     where : str
+        ``"vision"``: on the vision tower's features before the projector, scored with the
+        attention each patch receives in the tower's feature layer (VisionZip, PruMerge /
+        PruMerge+, HoloV, EViT-style CLS attention; merged there, dropped at the LLM input);
         ``"input"``: on the projected visual tokens entering the language model (DivPrune,
         DART, random, k-center, G-Prune, text-guided similarity); ``"llm"``: on the hidden
         states entering decoder layer ``layer`` (FastV, SparseVLM, DART at layer K, TransPrune,
@@ -62,10 +68,11 @@ class Stage:
     @property
     def order(self) -> int:
         """Where the stage runs in the forward pass (input = 0, layer K = K)."""
-        return 0 if self.where == "input" else int(self.layer or 0)
+        return {"vision": -1, "input": 0}.get(self.where, int(self.layer or 0))
 
     def describe(self) -> str:
-        at = "at the LLM input" if self.where == "input" else f"before decoder layer {self.layer}"
+        at = {"vision": "on the vision tower's features", "input": "at the LLM input"}.get(
+            self.where, f"before decoder layer {self.layer}")
         return f"{self.method.name} ({self.method.budget!r}) {at}"
 
 
@@ -98,9 +105,7 @@ def stage(method: str | Method, where: str = "input", *, keep: int | None = None
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise UniprunerError(f"keep is the number of visual tokens kept and must be an int >= 1, got {keep!r}")
     if where not in STAGES:
-        hint = (" (scoring inside the vision tower is not implemented yet: use stage='input' with the same "
-                "method, or stage='llm')" if where == "vision" else "")
-        raise UniprunerError(f"stage must be one of {STAGES}, got {where!r}{hint}")
+        raise UniprunerError(f"stage must be one of {STAGES}, got {where!r}")
     given = sum(x is not None for x in (ratio, keep, budget))
     if given > 1:
         raise UniprunerError("give one budget: ratio=, keep= or budget=")
@@ -111,7 +116,10 @@ def stage(method: str | Method, where: str = "input", *, keep: int | None = None
         if given:
             m = dataclasses.replace(m, budget=Budget.coerce(budget, ratio=ratio, keep=keep))
     elif isinstance(method, str):
-        if not given:
+        cls = REGISTRY.get(method)
+        adaptive = cls is not None and any(f.name == "budget" and f.default is None
+                                           for f in dataclasses.fields(cls))
+        if not given and not adaptive:
             raise UniprunerError(
                 f"no budget for {method!r}: pass keep= (visual tokens kept, e.g. 64 of 576) or ratio= (fraction kept)"
             )
@@ -174,4 +182,7 @@ def make_settings(method: str | Method | Stage | Sequence[Stage], *, keep: int |
         )
     if not isinstance(per_image, bool):
         raise UniprunerError(f"per_image must be True or False, got {per_image!r}")
+    if not per_image and any(s.where == "vision" for s in stages):
+        raise UniprunerError("stage='vision' works image by image (the tower sees one image at a time): "
+                             "use per_image=True")
     return VLMSettings(stages, positions, per_image)

@@ -4,7 +4,7 @@ The fixture model (``unipruner/data/vlm_fixture``, trained by ``scripts/train_vl
 small LLaVA-architecture model (Liu et al., *Visual Instruction Tuning*, 2023) that answers questions
 about these scenes. A scene is a plain canvas (336 x 336 px, the CLIP ViT-L/14-336 input, so a
 patch-14 tower sees 24 x 24 = 576 patches) divided into a 3 x 3 grid of cells; some cells hold one
-small coloured shape each (about 2-4 patches across, placed anywhere inside its cell), so most
+small coloured shape each (about 3-4 patches across, placed anywhere inside its cell), so most
 answers depend on a small region of the image -- which is what visual-token pruning (FastV,
 VisionZip, DART, DivPrune, ...) has to keep.
 
@@ -100,7 +100,7 @@ PROMPT = "USER: <image>\n{question} ASSISTANT:"
 """The fixture's prompt template (LLaVA-1.5 style); the answer is the next word."""
 
 _MIN_SHAPES, _MAX_SHAPES = 3, 6
-_MIN_SIZE, _MAX_SIZE = 30, 50  # shape side / diameter in pixels (about 2-4 patches of 14 px)
+_MIN_SIZE, _MAX_SIZE = 40, 56  # shape side / diameter in pixels (about 3-4 patches of 14 px)
 
 
 @dataclass(frozen=True)
