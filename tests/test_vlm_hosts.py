@@ -158,6 +158,30 @@ def test_padded_batch_equals_each_row_alone(host: str, case: str) -> None:
             assert torch.equal(tokens[i], _generate(model, r)[0])
 
 
+#: more registry methods, one stage each (ratio 0.5), one per signal path: DART's pivots, G-Prune, a text
+#: query (MMR), a merge (k-means pooling), SparseVLM's text raters, SnapKV's window rows, TransPrune's
+#: previous layer, VisionZip's contextual aggregates, DivPrune inside the LLM
+MORE_METHODS: list[tuple[str, dict[str, Any]]] = [
+    *((m, {}) for m in ("dart", "gprune", "mmr", "kmeans_pool")),
+    *((m, {"stage": "llm", "layer": 2}) for m in ("sparsevlm", "snapkv", "transprune", "visionzip", "divprune")),
+]
+
+
+@hosts
+def test_more_methods_batch_equals_each_row_alone(host: str) -> None:
+    model = _model(host)
+    x = inputs(model, 2)
+    alone = [row_inputs(model, i) for i in range(2)]
+    counts = visual_counts(model, 2)
+    for method, kw in MORE_METHODS:
+        with unipruner.vlm.patch(model, method, ratio=0.5, **kw) as h:
+            batch = _forward(model, x).logits
+            assert h.stats().visual_kept == tuple(_expected_kept({"ratio": 0.5}, counts)), method
+            for r, row in zip(alone, batch, strict=True):
+                own = _forward(model, r).logits[0]
+                torch.testing.assert_close(row[-own.shape[0]:], own, atol=1e-5, rtol=0, msg=lambda m, n=method: n + m)
+
+
 @hosts
 @pytest.mark.parametrize("case", list(PRUNED))
 def test_kv_cache_holds_the_kept_length(host: str, case: str) -> None:
