@@ -828,10 +828,11 @@ class VisionZip(MergingMethod):
     CVPR 2025. The budget is the number of output tokens, dominant plus contextual (``ratio`` the
     fraction of the valid tokens, as everywhere). ``contextual`` of them (a fraction of that count,
     rounded half up, or an int count; default ``10 / 64``, the paper's 54 + 10 at 64 tokens,
-    108 + 20 at 128, 160 + 30 at 192 give the same fractions) are contextual tokens; the others
-    are the dominant tokens: the highest received attention (:func:`unipruner.scorers.importance.
-    received_attention`; the CLS row ``cls_index``, or ``cls_index=None`` for the mean attention
-    a token receives, for towers without CLS such as SigLIP), protected tokens first. The
+    108 + 20 at 128 and 162 + 30 at 192 are the same fraction) are contextual tokens; the others
+    are the dominant tokens: the highest received attention
+    (:func:`~unipruner.scorers.importance.received_attention`; the CLS row ``cls_index``, or
+    ``cls_index=None`` for the mean attention a token receives, for towers without CLS such as
+    SigLIP), protected tokens first. The
     remaining valid tokens are split into uniformly spaced targets and the rest, which join their
     most similar target (cosine on ``keys`` when given, else on the tokens); each target becomes
     the (size-weighted) mean of its group (:func:`unipruner.reduce.contextual_merge`).
@@ -916,8 +917,9 @@ class PruMerge(MergingMethod):
     """LLaVA-PruMerge: adaptive CLS-attention outliers, each updated with its key-nearest tokens.
 
     Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
-    Models", 2024. Scores are the received attention (:func:`unipruner.scorers.importance.
-    received_attention`: the CLS row, or ``cls_index=None`` for the mean received attention).
+    Models", 2024. Scores are the received attention
+    (:func:`~unipruner.scorers.importance.received_attention`: the CLS row, or ``cls_index=None``
+    for the mean received attention).
 
     Budget: with **no budget** (the default, ``unipruner.method("prumerge")``) the count is
     adaptive: the tokens above ``Q3 + factor * IQR`` of their row's scores
