@@ -164,6 +164,10 @@ def test_padded_batch_equals_each_row_alone(host: str, case: str) -> None:
 MORE_METHODS: list[tuple[str, dict[str, Any]]] = [
     *((m, {}) for m in ("dart", "gprune", "mmr", "kmeans_pool")),
     *((m, {"stage": "llm", "layer": 2}) for m in ("sparsevlm", "snapkv", "transprune", "visionzip", "divprune")),
+    # per-block methods in the LLM: received attention over the valid rows only, DART's keys before RoPE,
+    # one grid per image (HoloV), ragged images merged one shape at a time (ToMe)
+    *((m, {"stage": "llm", "layer": 2}) for m in ("dart", "prumerge", "prumerge_plus", "holov")),
+    ("tome", {}),
 ]
 
 
@@ -259,4 +263,12 @@ def test_qwen3_vl_llm_stage_must_follow_the_deepstack_layers() -> None:
     model = _model("qwen3_vl")
     with pytest.raises(UniprunerError, match="deepstack"):
         unipruner.vlm.patch(model, "fastv", stage="llm", layer=1, keep=4)
+    assert unipruner.vlm.find(model) is None
+
+
+def test_methods_without_their_signal_are_refused_at_patch_time() -> None:
+    model = _model("llava")
+    for method in ("mmr", "query_similarity"):
+        with pytest.raises(UniprunerError, match="stage='vision' does not have"):
+            unipruner.vlm.patch(model, method, stage="vision", ratio=0.5)
     assert unipruner.vlm.find(model) is None

@@ -50,6 +50,7 @@ __all__ = [
     "rotary_at",
     "rotate",
     "supported",
+    "unrotated_keys",
 ]
 
 #: ``config.model_type`` -> family name: the decoder families whose attention this module recomputes
@@ -222,6 +223,11 @@ def keys(spec: AttentionLayer, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tens
     k = _project(spec, hidden, "k")
     _, k = spec.rope(k, k, cos, sin)
     return k
+
+
+def unrotated_keys(spec: AttentionLayer, hidden: Tensor) -> Tensor:
+    """Keys ``[B, H_kv, T, D]`` of ``hidden [B, T, C]`` before RoPE (projected and normed): position-free."""
+    return _project(spec, hidden, "k")
 
 
 def rotary_at(rotary: nn.Module | None, spec: AttentionLayer, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from ..._merge import MergePlan
 from ...errors import UniprunerError
 from ...hosts.cache import CompressedCache, CompressedLayer, Step
-from ...hosts.hf_attention import AttentionLayer, attention_layers, attention_rows, keys
+from ...hosts.hf_attention import AttentionLayer, attention_layers, attention_rows, keys, unrotated_keys
 from ...hosts.masks import stored_slot_mask
 from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
 from ...methods import Method, Reduced, ScoringMethod
@@ -583,9 +584,6 @@ class VLMHandle(PatchHandle):
                     f"use keep <= {low} (or ratio=)"
                 )
         signals: dict[str, Any] = {}
-        hw = self._hw(state, blk)
-        if hw is not None:
-            signals["hw"] = hw
         if query is None:
             query = row_query(hidden, seq.valid & ~seq.visual)
         signals["query"] = query[blk.row]
@@ -599,7 +597,8 @@ class VLMHandle(PatchHandle):
             else:
                 if st.where == "llm":
                     signals.update(self._llm_signals(state, st, hidden, pe, module, signals, full=False, blk=blk))
-                return self._commit(state, st, blk, hidden, _decide(m.reduce(tokens, mask=blk.mask, **signals)))
+                d = _reduce_by_shape(m, tokens, blk, signals, self._grids(state, blk))
+                return self._commit(state, st, blk, hidden, d)
         return self._commit(state, st, blk, hidden, _Decision(kept, reps, plan, new_tokens, None))
 
     def _commit(self, state: _Call, st: Stage, blk: Blocks, hidden: Tensor, d: _Decision
@@ -731,15 +730,17 @@ class VLMHandle(PatchHandle):
             return out
         assert blk is not None
         out = dict(base)
-        if "attn" in m.requires:  # per-block methods get the attention each token receives from the rows
-            received = attn_rows.float().mean(dim=(1, 2))
+        if "attn" in m.requires:  # per-block methods get the attention each token receives from the valid rows
+            r = attn_rows.shape[2]
+            w = seq.valid[:, -r:].to(torch.float32)
+            received = torch.einsum("bhrs,br->bs", attn_rows.float(), w) / (w.sum(1, keepdim=True) * attn_rows.shape[1])
             out["attn"] = blk.take(received[..., None])[..., 0]
         if prev is not None:
             out["previous"] = blk.take(prev)
         if pe is not None and st.layer in self._specs and module is not None:
             norm = getattr(module, "input_layernorm", None)
             normed = norm(hidden) if norm is not None else hidden
-            k = keys(self._specs[st.layer], normed, *_expand_pe(pe, hidden.shape[0]))
+            k = unrotated_keys(self._specs[st.layer], normed)  # before RoPE: the same wherever a row starts
             out["keys"] = blk.take(k.transpose(1, 2).flatten(2))
         return out
 
@@ -790,16 +791,16 @@ class VLMHandle(PatchHandle):
         ids = torch.unique_consecutive(g[live], return_inverse=True)[1]
         return blocks(vis, ids)
 
-    def _hw(self, state: _Call, blk: Blocks) -> tuple[int, int] | None:
-        if state.seq is not None and state.seq.packed:
-            return None  # a pruned image is no longer a grid
-        grids = self.host.image_grids(state.inputs, blk.flat.shape[0])
-        if not state.settings.per_image or not grids or any(g is None for g in grids):
-            return None
-        first = grids[0]
-        if any(g != first for g in grids) or first is None or first[0] * first[1] != blk.flat.shape[1]:
-            return None
-        return first
+    def _grids(self, state: _Call, blk: Blocks) -> list[tuple[int, int] | None]:
+        """The token grid of every block where it is one whole image (None after pruning, or per row)."""
+        n = blk.flat.shape[0]
+        if (state.seq is not None and state.seq.packed) or not state.settings.per_image:
+            return [None] * n  # a pruned image is no longer a grid; a row of several images is none
+        grids = self.host.image_grids(state.inputs, n)
+        counts = blk.counts.tolist()
+        if len(grids) != n:
+            return [None] * n
+        return [g if g is not None and g[0] * g[1] == c else None for g, c in zip(grids, counts, strict=True)]
 
     def _mask(self, valid: Tensor, old: CompressedLayer | None, dtype: torch.dtype) -> Tensor | None:
         b, q = valid.shape
@@ -812,6 +813,52 @@ class VLMHandle(PatchHandle):
         additive = dtype if self._eager else None
         old = layer.slot_valid()
         return stored_slot_mask(old, valid_new, q, n_heads=old.shape[1], additive=additive)
+
+
+def _reduce_by_shape(m: Method, tokens: Tensor, blk: Blocks, signals: dict[str, Any],
+                     grids: list[tuple[int, int] | None]) -> _Decision:
+    """Run ``m.reduce`` on the blocks, one call per (token count, grid) shape.
+
+    Blocks of one shape are stacked without padding, so a batch gives every image exactly what it
+    would get alone: ragged images (anyres tiles, Qwen's dynamic resolution) reach methods that
+    merge whole batches (ToMe), and each image gets its own grid (HoloV, 2-D methods).
+    """
+    counts = blk.counts.tolist()
+    shapes = sorted(set(zip(counts, grids, strict=True)), key=lambda x: (x[0], x[1] or (0, 0)))
+    n_blk, width = blk.flat.shape
+    if len(shapes) == 1 and shapes[0][0] == width:
+        extra = {} if shapes[0][1] is None else {"hw": shapes[0][1]}
+        return _decide(m.reduce(tokens, mask=None, **{**signals, **extra}))
+    parts = []
+    for count, grid in shapes:
+        idx = torch.tensor([i for i, (c, g) in enumerate(zip(counts, grids, strict=True)) if (c, g) == (count, grid)],
+                           device=tokens.device)
+        sub = {k: (v[idx][:, width - count:] if isinstance(v, Tensor) and v.ndim >= 2 and v.shape[:2] == (n_blk, width)
+                   else v[idx] if isinstance(v, Tensor) and v.shape[:1] == (n_blk,) else v) for k, v in signals.items()}
+        if grid is not None:
+            sub["hw"] = grid
+        parts.append((idx, width - count, _decide(m.reduce(tokens[idx][:, width - count:], mask=None, **sub))))
+    k_out = max(d.reps.shape[1] for _, _, d in parts)
+    dev = tokens.device
+    kept = torch.full((n_blk, k_out), -1, dtype=torch.long, device=dev)
+    reps = torch.full((n_blk, k_out), -1, dtype=torch.long, device=dev)
+    dst = torch.full((n_blk, width), -1, dtype=torch.long, device=dev)
+    values = tokens.new_zeros(n_blk, k_out, tokens.shape[-1])
+    is_agg = torch.zeros(n_blk, k_out, dtype=torch.bool, device=dev)
+    merged = False
+    for idx, off, d in parts:
+        k = d.reps.shape[1]
+        kept[idx, :k] = torch.where(d.kept >= 0, d.kept + off, d.kept)
+        reps[idx, :k] = torch.where(d.reps >= 0, d.reps + off, d.reps)
+        if d.new_tokens is not None:
+            values[idx, :k] = d.new_tokens.to(values.dtype)
+        if d.aggregates is not None:
+            is_agg[idx, :k] = d.aggregates[1]
+        if d.plan is not None:
+            merged = True
+            dst[idx, off:] = d.plan.dst
+    plan = MergePlan(dst, k_out) if merged else None
+    return _Decision(kept, reps, plan, values, (values, is_agg) if bool(is_agg.any()) else None)
 
 
 def _decide(red: Reduced) -> _Decision:

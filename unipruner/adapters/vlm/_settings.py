@@ -36,7 +36,7 @@ SIGNALS: dict[str, frozenset[str]] = {
     # hidden states entering decoder layer K; attention rows recomputed from layer K-1's q/k
     "llm": frozenset({"attn", "keys", "query", "hw", "text_queries", "previous", "pivot_tokens"}),
 }
-_OPTIONAL = frozenset({"keys", "pivot_tokens", "hw", "query"})
+_OPTIONAL = frozenset({"keys", "pivot_tokens", "hw"})
 
 
 @dataclass(frozen=True)

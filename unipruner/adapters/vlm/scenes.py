@@ -146,13 +146,16 @@ class Sample:
     kind: str
 
 
-def make_scene(rng: np.random.Generator) -> Scene:
+def make_scene(rng: np.random.Generator, max_shapes: int = _MAX_SHAPES) -> Scene:
     """Draw a random scene: 3-6 shapes in distinct cells, random colour, kind, size and offset.
 
     Parameters
     ----------
     rng
         The generator every random choice comes from (the caller owns the seed).
+    max_shapes
+        At most this many shapes (1-9; the count is uniform in ``[min(3, max_shapes), max_shapes]``);
+        the training script's curriculum starts with fewer.
 
     Returns
     -------
@@ -161,7 +164,9 @@ def make_scene(rng: np.random.Generator) -> Scene:
     """
     if not isinstance(rng, np.random.Generator):
         raise UniprunerError(f"make_scene needs a numpy.random.Generator, got {type(rng).__name__}")
-    n = int(rng.integers(_MIN_SHAPES, _MAX_SHAPES + 1))
+    if not 1 <= max_shapes <= GRID * GRID:
+        raise UniprunerError(f"make_scene needs 1 <= max_shapes <= {GRID * GRID}, got {max_shapes}")
+    n = int(rng.integers(min(_MIN_SHAPES, max_shapes), max_shapes + 1))
     cells = sorted(int(c) for c in rng.choice(GRID * GRID, size=n, replace=False))
     colors = list(COLORS)
     step = CANVAS // GRID
