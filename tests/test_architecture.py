@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "unipruner"
 #: Budget and ToMe's matching returns a MergePlan.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("unipruner.errors", "unipruner._validate", "unipruner._ops", "unipruner._threads", "unipruner.models",
-     "unipruner._merge", "unipruner.select"),
+     "unipruner._merge", "unipruner.select", "unipruner._draw"),
     ("unipruner.scorers", "unipruner._pooling", "unipruner.reduce"),
     ("unipruner.methods",),
     ("unipruner.hosts",),

@@ -11,6 +11,7 @@ decode loop. The patched model runs a left-padded batch of two different images 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -376,6 +377,17 @@ def test_vision_keep_all_and_adaptive(model: LlavaForConditionalGeneration) -> N
         _generate(model, batch)
         after = h.stats().stages[0].after
     assert all(1 <= a < N for a in after)
+
+
+def test_visualize_writes_a_png(model: LlavaForConditionalGeneration, tmp_path: Any) -> None:
+    batch = _batch(_rows(), seed=14)
+    with unipruner.vlm.patch(model, [stage("visionzip", "vision", keep=6, contextual=2),
+                                     stage("fastv", "llm", layer=2, keep=3)]):
+        fig = unipruner.vlm.visualize(model, batch, tmp_path / "kept.png", index=1)
+    assert (tmp_path / "kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 3
+    with pytest.raises(UniprunerError, match="not patched"):
+        unipruner.vlm.visualize(model, batch)
 
 
 # ------------------------------------------------------------------------------ handle contract

@@ -15,6 +15,7 @@ Usage::
   position ids (1-D or M-RoPE) by default.
 * :func:`stage` — one step of a schedule: ``patch(model, [stage("dart", keep=192),
   stage("fastv", "llm", layer=2, keep=64)])``.
+* :func:`visualize` — kept / merged patches of one image drawn per stage (PNG).
 * :mod:`.scenes` — the synthetic scenes of the fixture model (``unipruner.models.load_vlm_fixture``).
 
 ``ratio`` is the fraction of the visual tokens **kept** by a stage, as everywhere in unipruner;
@@ -31,6 +32,7 @@ from ._hosts import SUPPORTED_HOSTS, VLMHost, find_host  # noqa: E402
 from ._patch import VLMHandle, find, patch, unpatch  # noqa: E402
 from ._settings import VLM_METHODS, Stage, VLMSettings, stage  # noqa: E402
 from ._stats import StageStats, VLMStats  # noqa: E402
+from ._visualize import visualize  # noqa: E402
 
 __all__ = [
     "SUPPORTED_HOSTS",
@@ -46,4 +48,5 @@ __all__ = [
     "patch",
     "stage",
     "unpatch",
+    "visualize",
 ]
