@@ -256,6 +256,31 @@ def test_llm_fastv_matches_reference_per_row(model: LlavaForConditionalGeneratio
         assert got[i].tolist() == _reference_fastv(model, r, batch["pixel_values"][i:i + 1], 5, layer), f"row {i}"
 
 
+def test_llm_dart_kept_set_matches_naive_dart(model: LlavaForConditionalGeneration) -> None:
+    """DART at layer K (Wen et al., 2025): pivots by key L1 norm, then the least duplicated tokens."""
+    from test_similarity import naive_dart
+
+    rows = _rows()
+    batch = _batch(rows, seed=15)
+    layer, k = 2, 6
+    with unipruner.vlm.patch(model, "dart", stage="llm", layer=layer, keep=k, n_pivots=2) as h:
+        _generate(model, batch)
+        owner = h.stats().stages[0].owner
+    lm = model.model.language_model
+    for i, r in enumerate(rows):
+        emb = _row_embeds(model, r, batch["pixel_values"][i:i + 1])[None]
+        with torch.no_grad():
+            hid = _layers(model, emb, torch.arange(len(r))[None], DynamicCache(config=model.config.text_config), 0,
+                          layer)
+            blk = lm.layers[layer]
+            keys = blk.self_attn.k_proj(blk.input_layernorm(hid))[0]  # before RoPE
+        vis = torch.nonzero(torch.tensor(r) == IMG).flatten()
+        x, kk = hid[0, vis].numpy(), keys[vis].numpy()
+        valid = torch.ones(N, dtype=torch.bool).numpy()
+        want = naive_dart(x, k, kk, 2, None, valid, ~valid)
+        assert torch.nonzero(owner[i] >= 0).flatten().tolist() == want, f"row {i}"
+
+
 def test_batch_equals_rows_alone(model: LlavaForConditionalGeneration) -> None:
     rows = _rows()
     batch = _batch(rows, seed=2)
