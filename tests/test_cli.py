@@ -38,9 +38,10 @@ def test_methods_domain_lists_exactly_what_the_domain_accepts() -> None:
     from unipruner.adapters.kv_cache import KV_METHODS
     from unipruner.adapters.rag import SCORERS
     from unipruner.adapters.vit import VIT_METHODS
+    from unipruner.adapters.vlm import VLM_METHODS
 
     for domain, accepted in (("rag", set(SCORERS)), ("colbert", set(accepted_methods())), ("vit", set(VIT_METHODS)),
-                             ("kv", set(KV_METHODS))):
+                             ("kv", set(KV_METHODS)), ("vlm", set(VLM_METHODS))):
         result = runner.invoke(app, ["methods", "--domain", domain], env={"COLUMNS": "80"})
         assert result.exit_code == 0, result.output
         assert _listed(result.output) == accepted == {m.name for m in methods(domain=domain)}
@@ -87,10 +88,17 @@ def test_demo_rag_section_reports_the_achieved_budget_and_survival() -> None:
     assert "survived:" in result.output
 
 
+def test_demo_vlm_section_answers_with_fewer_visual_tokens() -> None:
+    result = runner.invoke(app, ["demo", "--section", "vlm"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\(25%\)", result.output) and re.search(r"\(11%\)", result.output), result.output
+    assert "vlm_kept_patches.png" in result.output
+
+
 def test_demo_every_adapter_has_a_section_and_unknown_sections_are_refused() -> None:
     from unipruner.demo import SECTIONS
 
-    assert [name for name, _ in SECTIONS] == ["core", "kv", "vit", "rag", "colbert"]
+    assert [name for name, _ in SECTIONS] == ["core", "kv", "vit", "rag", "colbert", "vlm"]
     bad = runner.invoke(app, ["demo", "--section", "vits"])
     assert bad.exit_code == 2 and "unknown demo section" in bad.output and "'vit'" in bad.output
 
@@ -100,3 +108,4 @@ def test_adapters_are_reachable_from_the_package_root() -> None:
 
     assert callable(unipruner.kv.compress) and callable(unipruner.vit.patch)
     assert callable(unipruner.rag.ContextPruner) and callable(unipruner.colbert.compress)
+    assert callable(unipruner.vlm.patch) and callable(unipruner.vlm.visualize)
