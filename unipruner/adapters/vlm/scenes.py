@@ -199,8 +199,12 @@ def draw(scene: Scene) -> Image.Image:
     return img
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
+def questions(scene: Scene, rng: np.random.Generator, every: bool = False) -> list[QA]:
     """Every question type that applies to ``scene``, one random instance of each, in random order.
+
+    With ``every=True``: every instance instead (``color_at`` and ``shape_at`` for each shape,
+    ``count`` for each colour, one ``exists`` yes and one no, ``left_of`` for each anchor) --
+    the dense supervision the training script uses.
 
     ``color_at`` and ``shape_at`` ask about an occupied cell; ``count`` about a random colour
     (present or not); ``exists`` is yes or no with equal probability (a "no" names a colour-kind
@@ -213,14 +217,18 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
         The scene asked about.
     rng
         The generator every random choice comes from.
+    every
+        All instances rather than one random instance of each kind.
 
     Returns
     -------
     list of QA
         ``(question, answer, kind)`` triples; every answer is a single word.
     """
-    out: list[QA] = []
     shapes = scene.shapes
+    if every:
+        return _every_question(scene, rng)
+    out: list[QA] = []
     s = shapes[int(rng.integers(len(shapes)))]
     out.append(QA(f"what color is the shape in the {POSITIONS[s.cell]} ?", s.color, "color_at"))
     s = shapes[int(rng.integers(len(shapes)))]
@@ -243,6 +251,25 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
         left = scene.at((a.cell[0], a.cell[1] - 1))
         assert left is not None
         out.append(QA(f"what color is the shape left of the {a.color} {a.kind} ?", left.color, "left_of"))
+    order = rng.permutation(len(out))
+    return [out[int(i)] for i in order]
+
+
+def _every_question(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    shapes = scene.shapes
+    out = [QA(f"what color is the shape in the {POSITIONS[s.cell]} ?", s.color, "color_at") for s in shapes]
+    out += [QA(f"what shape is in the {POSITIONS[s.cell]} ?", s.kind, "shape_at") for s in shapes]
+    out += [QA(f"how many {c} shapes are there ?", str(sum(x.color == c for x in shapes)), "count") for c in COLORS]
+    present = {(x.color, x.kind) for x in shapes}
+    absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
+    yes = sorted(present)[int(rng.integers(len(present)))]
+    no = absent[int(rng.integers(len(absent)))]
+    out += [QA(f"is there a {yes[0]} {yes[1]} ?", "yes", "exists"), QA(f"is there a {no[0]} {no[1]} ?", "no", "exists")]
+    pairs = [(x.color, x.kind) for x in shapes]
+    for a in shapes:
+        left = scene.at((a.cell[0], a.cell[1] - 1)) if a.cell[1] > 0 else None
+        if left is not None and pairs.count((a.color, a.kind)) == 1:
+            out.append(QA(f"what color is the shape left of the {a.color} {a.kind} ?", left.color, "left_of"))
     order = rng.permutation(len(out))
     return [out[int(i)] for i in order]
 
