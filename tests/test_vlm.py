@@ -438,6 +438,29 @@ def test_handle_contract(model: LlavaForConditionalGeneration) -> None:
     assert after == before
 
 
+def test_two_threads_share_one_patched_model(model: LlavaForConditionalGeneration) -> None:
+    """Per-call state lives in a context variable and the per-call cache: concurrent calls never mix."""
+    import threading
+
+    batches = [_batch(_rows(), seed=20), _batch(_rows()[:1], seed=21)]
+    sched = [stage("visionzip", "vision", keep=8, contextual=2), stage("fastv", "llm", layer=2, keep=4)]
+    with unipruner.vlm.patch(model, sched):
+        want = [_generate(model, b) for b in batches]
+        got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+        def work(i: int) -> None:
+            for _ in range(4):
+                got[i].append(_generate(model, batches[i]))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i in (0, 1):
+        assert len(got[i]) == 4 and all(torch.equal(g, want[i]) for g in got[i])
+
+
 def test_methods_are_the_vlm_domain() -> None:
     assert set(unipruner.vlm.VLM_METHODS) == {m.name for m in unipruner.methods(domain="vlm")}
 
