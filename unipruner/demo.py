@@ -186,12 +186,20 @@ def _colbert_section(console: Any, ratio: float) -> None:
     demo_section(console, 0.7)
 
 
+def _vlm_section(console: Any, ratio: float) -> None:
+    """The VLM section: the fixture LLaVA answers with all, 25% and 11% of its visual tokens (issue #11)."""
+    from .adapters.vlm import demo_section
+
+    demo_section(console, ratio)
+
+
 SECTIONS: list[tuple[str, Callable[[Any, float], None]]] = [
     ("core", _core_section),
     ("kv", _kv_section),
     ("vit", _vit_section),
     ("rag", _rag_section),
     ("colbert", _colbert_section),
+    ("vlm", _vlm_section),
 ]
 
 

@@ -28,6 +28,7 @@ from ...models import require
 
 require("transformers", "vision")
 
+from ._demo import demo_section  # noqa: E402
 from ._hosts import SUPPORTED_HOSTS, VLMHost, find_host  # noqa: E402
 from ._patch import VLMHandle, find, patch, unpatch  # noqa: E402
 from ._settings import VLM_METHODS, Stage, VLMSettings, stage  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "VLMHost",
     "VLMSettings",
     "VLMStats",
+    "demo_section",
     "find",
     "find_host",
     "patch",
