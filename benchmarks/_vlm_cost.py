@@ -38,15 +38,19 @@ Called by ``benchmarks/vlm.py --part cost``; standalone: ``python benchmarks/_vl
    512 px image; one image a row, no splitting). Input-stage DivPrune at 50 % / 25 % of the visual tokens: the
    same LM-only measurements, and end to end (pixel values in, vision tower timed and counted inside).
 
-Results: ``benchmarks/results/vlm_cost.json`` / ``.md`` (and ``vlm_cost_smolvlm``). Default run on this loaded
-2-core CPU (``--layers 2 --rounds 3``) takes about 30 minutes; ``--quick`` (tiny widths, same token counts)
-seconds.
+   The SmolVLM part runs on ``--smolvlm-threads`` (default 1: with 2 threads on a shared CPU its many small ops
+   wait on a descheduled thread and times vary 5x) and ``3 x --rounds`` rounds (its runs are short).
+
+One table, ``benchmarks/results/vlm_cost.json`` / ``.md`` (``vlm_cost_quick`` with ``--quick``); ``--parts`` runs
+some parts and keeps the saved rows of the others. Default run on this loaded 2-core CPU (``--layers 2 --rounds
+3``): about 35 minutes for the LLaVA part, 6 for SmolVLM; ``--quick`` (tiny widths, same token counts) ~2 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -61,7 +65,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Report
+from _harness import RESULTS, Report
 
 import unipruner
 from unipruner._threads import limit_threads
@@ -303,7 +307,8 @@ def count(host: Host, cfg: Config, text: dict[str, torch.Tensor], enc: Any,
             after = list(st.stages[0].after)
             if any(a != cfg.keep for a in after):
                 raise RuntimeError(f"{cfg.label}: kept {after} visual tokens per image, expected {cfg.keep}")
-    return {"flops": flops, "kv_bytes": _kv_bytes(out.past_key_values), "kv_slots": slots}
+    cache = out["cache"] if "cache" in out else out.past_key_values
+    return {"flops": flops, "kv_bytes": _kv_bytes(cache), "kv_slots": slots}
 
 
 def timed(host: Host, cfg: Config, text: dict[str, torch.Tensor], enc: Any, clock: HookClock,
@@ -428,16 +433,16 @@ def llava_cost(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str
         f"= {PREFIX + 576 + SUFFIX} tokens; FastV at layer {layer}"
         + (" (--layers 2: layer 1, not the paper's K=2)" if layer == 1 else "") + "."
         + (" QUICK (tiny widths)." if args.quick else ""),
-        "LM GFLOPs: prefill of the language model (use_cache, logits_to_keep=1) counted as it runs (math SDPA), "
-        f"adapter work included; whole = + vision tower and projector ({vis['vision_flops'] / vis['batch'] / 1e9:.1f} "
-        f"GFLOPs per image, {vis['vision_s'] / vis['batch']:.1f} s per image here), unchanged by the input / llm "
-        "stages; whole theo x = whole-model FLOPs ratio.",
-        "realised x: unpruned / patched LM prefill time inside generate() with pre-encoded images (median of "
+        "llava: LM GFLOPs = prefill of the language model (use_cache, logits_to_keep=1) counted as it runs (math "
+        f"SDPA), adapter work included; whole = + vision tower and projector "
+        f"({vis['vision_flops'] / vis['batch'] / 1e9:.1f} GFLOPs per image, {vis['vision_s'] / vis['batch']:.1f} s "
+        "per image here), unchanged by the input / llm stages; whole theo x = whole-model FLOPs ratio.",
+        "llava: realised x = unpruned / patched LM prefill time inside generate() with pre-encoded images (median of "
         f"{args.rounds} interleaved rounds); decode tok/s x over {N_NEW - 1} greedy decode steps; overhead % = time "
         "inside the adapter's hooks during the prefill / patched prefill; KV MB = key + value bytes after prefill.",
-        "DivPrune's selection cost beyond random's (same stage and budget), share of the DivPrune prefill: "
+        "llava: DivPrune's selection cost beyond random's (same stage and budget), share of the DivPrune prefill: "
         + ", ".join(_selection_notes(rows)),
-        f"torch threads {args.threads}; unpruned LM prefill "
+        f"llava: torch threads {args.threads}; unpruned LM prefill "
         + ", ".join(f"B{r['batch']} {r['prefill_s']:.2f}s" for r in rows if r["method"] == "unpruned"),
     ]
     del host, results
@@ -452,10 +457,11 @@ def smolvlm_cost(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[s
     configs = [Config("input", "divprune", k) for k in keeps]
     clock = HookClock()
     rows: list[dict[str, Any]] = []
-    with clock.installed():
+    rounds = SMOL_ROUNDS * args.rounds  # short runs: more rounds for the same noise
+    with clock.installed(), limit_threads(args.smolvlm_threads):
         for mode in ("LM only", "end to end"):
             e2e = mode == "end to end"
-            res = measure(host, configs, 1, args.rounds, clock, end_to_end=e2e, warm=True)
+            res = measure(host, configs, 1, rounds, clock, end_to_end=e2e, warm=True)
             for row in rows_of(res, configs, lm_part=not e2e):
                 if e2e:  # the counted and timed forwards include the tower: whole-model ratios
                     row["whole theo x"] = row["theoretical x"]
@@ -465,8 +471,10 @@ def smolvlm_cost(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[s
         f"smolvlm: SmolVLM-256M-shaped (approximate), random weights, fp32, {n_params / 1e6:.0f} M parameters: SigLIP "
         "B/16-512 (12 x 768) + pixel shuffle 4 -> 64 tokens per image, Llama 30 x 576 (9 heads / 3 KV heads, MLP "
         f"1536); one 512 px image a row, prompt {PREFIX} + 1 + 64 + 1 + {SUFFIX} tokens, batch 1, input-stage "
-        "DivPrune at 50 % / 25 % of the visual tokens." + (" QUICK (tiny widths)." if args.quick else ""),
-        "smolvlm rows as llava (pre-encoded images); 'smolvlm e2e': pixel values into generate(), FLOPs and times of "
+        f"DivPrune at 50 % / 25 % of the visual tokens; {rounds} rounds, torch threads {args.smolvlm_threads} (30 "
+        "layers of small ops: with 2 threads on this shared CPU every op waits for the descheduled thread and "
+        "prefill times vary 5x)." + (" QUICK (tiny widths)." if args.quick else ""),
+        "smolvlm: rows as llava (pre-encoded images); 'smolvlm e2e': pixel values into generate(), FLOPs and times of "
         "the whole prefill with the tower inside (theoretical x and realised x there are the whole model's).",
     ]
     del host
@@ -475,6 +483,7 @@ def smolvlm_cost(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[s
 
 
 PARTS = ["llava", "smolvlm"]
+SMOL_ROUNDS = 3
 
 
 def run_cost(args: argparse.Namespace) -> dict[str, Any]:
@@ -483,13 +492,23 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
         [f"--rounds {args.rounds}", f"--layers {args.layers}", "--batches " + " ".join(map(str, args.batches))]
         + (["--quick"] if args.quick else []) + ([f"--parts {' '.join(args.parts)}"] if args.parts != PARTS else []))
     rep = Report("vlm_cost" + ("_quick" if args.quick else ""), ["model", *COLUMNS])
+    new: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
     with limit_threads(args.threads):
         for part, fn in (("llava", llava_cost), ("smolvlm", smolvlm_cost)):
             if part in args.parts:
                 print(f"[{part}]", flush=True)
-                rows, notes = fn(args)
-                rep.rows += rows
-                rep.notes += notes
+                new[part] = fn(args)
+    prev_path = RESULTS / f"{rep.name}.json"
+    prev = json.loads(prev_path.read_text(encoding="utf-8")) if prev_path.exists() else None
+    for part in PARTS:  # a part not run keeps its rows and notes from the saved results
+        if part in new:
+            rep.rows += new[part][0]
+            rep.notes += new[part][1]
+        elif prev is not None and any(r["model"].split()[0] == part for r in prev["rows"]):
+            rep.rows += [r for r in prev["rows"] if r["model"].split()[0] == part]
+            rep.notes += [n for n in prev["notes"] if not any(n.startswith(p) for p in new)]
+            note = f"{part}: rows measured by `{prev['command']}`"
+            rep.notes += [] if any(n.startswith(f"{part}: rows measured by") for n in rep.notes) else [note]
     print(rep.markdown())  # the markdown table: rich would squeeze these 14 columns into 80 characters
     for n in rep.notes:
         print(n)
@@ -500,12 +519,13 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (default 3; SmolVLM 3x)")
     ap.add_argument("--layers", type=int, default=2, choices=(2, 3, 4),
                     help="decoder layers of the 7B-width LM (default 2; FastV runs at layer 2, layer 1 with 2)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the LLaVA part (default 2)")
+    ap.add_argument("--smolvlm-threads", type=int, default=1, help="torch threads of the SmolVLM part (default 1)")
     ap.add_argument("--quick", action="store_true", help="tiny widths, same token counts: a smoke run in seconds")
     return ap
 
