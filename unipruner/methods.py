@@ -51,6 +51,7 @@ __all__ = [
     "TextMethod",
     "method",
     "methods",
+    "resolve",
 ]
 
 DOMAINS = ("vit", "vlm", "kv", "rag", "colbert", "diffusion")
@@ -1429,4 +1430,32 @@ def method(name: str, budget: Budget | float | int | None = None, *, ratio: floa
     if unknown:
         raise UniprunerError(f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
     return cls(**params)
+
+
+def resolve(method_: str | Method, budget: Budget | None = None, *, ratio: float | None = None,
+            keep: int | None = None, hint: str = "ratio= (fraction kept), keep= or budget=", **params: Any) -> Method:
+    """The method an adapter's ``patch(model, method, ratio=|keep=|budget=, **params)`` asks for.
+
+    ``method_`` is a registry name (built with :func:`method`; a budget is required unless the
+    method's own default is adaptive, e.g. PruMerge's IQR rule) or an instance (its parameters
+    are its own; a budget keyword replaces its budget). At most one budget keyword; ``hint`` says
+    in the error what the adapter's budget keywords mean.
+
+    >>> resolve("divprune", keep=8).budget
+    Budget(keep=8)
+    """
+    given = sum(x is not None for x in (ratio, keep, budget))
+    if given > 1:
+        raise UniprunerError("give one budget: ratio=, keep= or budget=")
+    if isinstance(method_, Method):
+        if params:
+            raise UniprunerError(f"parameters {sorted(params)} go into the Method itself when passing an instance")
+        return dataclasses.replace(method_, budget=Budget.coerce(budget, ratio=ratio, keep=keep)) if given else method_
+    if isinstance(method_, str):
+        cls = REGISTRY.get(method_)
+        adaptive = cls is not None and any(f.name == "budget" and f.default is None for f in dataclasses.fields(cls))
+        if not given and not adaptive:
+            raise UniprunerError(f"no budget for {method_!r}: pass {hint}")
+        return method(method_, budget, ratio=ratio, keep=keep, **params)
+    raise UniprunerError(f"method must be a registry name or a unipruner Method, got {type(method_).__name__}")
 

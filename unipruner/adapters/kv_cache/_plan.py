@@ -23,6 +23,7 @@ from ...methods import (
     ScoringMethod,
     SnapKV,
     StreamingLLM,
+    resolve,
 )
 from ...methods import method as build_method
 from ...select import Budget
@@ -91,21 +92,7 @@ def make_plan(method: str | Method, ratio: float | None = None, *, keep: int | N
             f"ratio is the fraction of the KV cache kept (as everywhere in unipruner) and must be in (0, 1], "
             f"got {ratio!r}; kvpress's compression_ratio c is ratio = 1 - c"
         )
-    given = sum(x is not None for x in (ratio, keep, budget))
-    if given > 1:
-        raise UniprunerError("give one budget: ratio=, keep= or budget=")
-    if isinstance(method, Method):
-        if params:
-            raise UniprunerError(f"parameters {sorted(params)} go into the Method itself when passing an instance")
-        m = method
-        if given:
-            m = dataclasses.replace(m, budget=Budget.coerce(budget, ratio=ratio, keep=keep))
-    elif isinstance(method, str):
-        if not given:
-            raise UniprunerError(f"no budget for {method!r}: pass ratio= (fraction kept), keep= or budget=")
-        m = build_method(method, budget, ratio=ratio, keep=keep, **params)
-    else:
-        raise UniprunerError(f"method must be a registry name or a unipruner Method, got {type(method).__name__}")
+    m = resolve(method, budget, ratio=ratio, keep=keep, **params)
     if isinstance(m, MergingMethod) or m.reduction != "drop":
         raise UniprunerError(
             f"method {m.name!r} merges tokens; the KV adapter evicts cache entries (reduction='drop'). "

@@ -8,14 +8,12 @@ A budget (``ratio`` = fraction of the visual tokens that reach a stage **kept** 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import UniprunerError
-from ...methods import REGISTRY, Method
-from ...methods import method as build_method
+from ...methods import REGISTRY, Method, resolve
 from ...select import Budget
 
 __all__ = ["POSITIONS", "SIGNALS", "STAGES", "VLM_METHODS", "Stage", "VLMSettings", "make_settings", "stage"]
@@ -106,26 +104,8 @@ def stage(method: str | Method, where: str = "input", *, keep: int | None = None
         raise UniprunerError(f"keep is the number of visual tokens kept and must be an int >= 1, got {keep!r}")
     if where not in STAGES:
         raise UniprunerError(f"stage must be one of {STAGES}, got {where!r}")
-    given = sum(x is not None for x in (ratio, keep, budget))
-    if given > 1:
-        raise UniprunerError("give one budget: ratio=, keep= or budget=")
-    if isinstance(method, Method):
-        if params:
-            raise UniprunerError(f"parameters {sorted(params)} go into the Method itself when passing an instance")
-        m = method
-        if given:
-            m = dataclasses.replace(m, budget=Budget.coerce(budget, ratio=ratio, keep=keep))
-    elif isinstance(method, str):
-        cls = REGISTRY.get(method)
-        adaptive = cls is not None and any(f.name == "budget" and f.default is None
-                                           for f in dataclasses.fields(cls))
-        if not given and not adaptive:
-            raise UniprunerError(
-                f"no budget for {method!r}: pass keep= (visual tokens kept, e.g. 64 of 576) or ratio= (fraction kept)"
-            )
-        m = build_method(method, budget, ratio=ratio, keep=keep, **params)
-    else:
-        raise UniprunerError(f"method must be a registry name or a unipruner Method, got {type(method).__name__}")
+    m = resolve(method, budget, ratio=ratio, keep=keep,
+                hint="keep= (visual tokens kept, e.g. 64 of 576) or ratio= (fraction kept)", **params)
     if "vlm" not in m.domains:
         raise UniprunerError(
             f"method {m.name!r} does not serve the vlm domain (its domains: {', '.join(m.domains)}); "
