@@ -397,7 +397,7 @@ class VLMHandle(PatchHandle):
             base = torch.arange(q, device=embeds.device)[None].expand(b, q)
             pos = base[None].expand(3, b, q) if host.mrope else base
         group = self._groups(state, visual)
-        state.seq = _Seq(visual, group, valid & True, pos)
+        state.seq = _Seq(visual, group, valid, pos)
         flat_vis = torch.nonzero(visual.flatten()).squeeze(1)
         state.origin = flat_vis
         img = group.flatten()[flat_vis] if state.settings.per_image else self._groups_per_image(state, visual)
@@ -422,14 +422,7 @@ class VLMHandle(PatchHandle):
             query = row_query(embeds, seq0.valid & ~seq0.visual)
             result = self._run_stage(state, inp, embeds, query=query)
             if result is not None:
-                new_embeds, packed, agg_pos = result
-                kwargs["inputs_embeds"] = new_embeds
-                seq = state.seq
-                kwargs["position_ids"] = self._positions(state, seq, packed, agg_pos)
-                kwargs["attention_mask"] = self._mask(packed.valid, None, new_embeds.dtype)
-                self._deepstack(kwargs, state, packed)
-                state.first_pruned = 0
-                state.seq = _Seq(*self._packed_seq(seq, packed, kwargs["position_ids"]))
+                self._enter_packed(state, kwargs, result)
         if cache is not None:
             seq = state.seq
             cache.step = Step(None if bool(seq.valid.all()) else seq.valid, _row_positions(seq.positions),
@@ -453,14 +446,21 @@ class VLMHandle(PatchHandle):
         result = self._commit(state, st, blk, embeds, d)
         if result is None:
             return embeds
+        self._enter_packed(state, kwargs, result)
+        return result[0]
+
+    def _enter_packed(self, state: _Call, kwargs: dict[str, Any], result: tuple[Tensor, Packed, Tensor | None]
+                      ) -> None:
+        """The language model's inputs for a sequence packed before its first layer (vision / input stage)."""
+        seq = state.seq
+        assert seq is not None
         new_embeds, packed, agg_pos = result
         kwargs["inputs_embeds"] = new_embeds
         kwargs["position_ids"] = self._positions(state, seq, packed, agg_pos)
-        kwargs["attention_mask"] = self._mask(packed.valid, None, new_embeds.dtype)
+        kwargs["attention_mask"] = self._mask(packed.valid, new_embeds.dtype)
         self._deepstack(kwargs, state, packed)
         state.first_pruned = 0
         state.seq = _Seq(*self._packed_seq(seq, packed, kwargs["position_ids"]))
-        return new_embeds
 
     def _decode(self, state: _Call, kwargs: dict[str, Any], cache: CompressedCache, embeds: Tensor,
                 valid_new: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -545,7 +545,7 @@ class VLMHandle(PatchHandle):
             if result is not None:
                 new_hidden, packed, agg_pos = result
                 positions = self._positions(state, seq, packed, agg_pos)
-                state.mask = self._mask(packed.valid, None, hidden.dtype)
+                state.mask = self._mask(packed.valid, hidden.dtype)
                 cos, sin = pe
                 idx = packed.index
                 state.pe = (_take_rows(cos, idx, agg_pos), _take_rows(sin, idx, agg_pos))
@@ -802,7 +802,7 @@ class VLMHandle(PatchHandle):
             return [None] * n
         return [g if g is not None and g[0] * g[1] == c else None for g, c in zip(grids, counts, strict=True)]
 
-    def _mask(self, valid: Tensor, old: CompressedLayer | None, dtype: torch.dtype) -> Tensor | None:
+    def _mask(self, valid: Tensor, dtype: torch.dtype) -> Tensor | None:
         b, q = valid.shape
         empty = torch.zeros(b, 1, 0, dtype=torch.bool, device=valid.device)
         additive = dtype if self._eager else None
