@@ -26,6 +26,7 @@ _ADAPTERS: dict[str, str] = {
     "rag": "unipruner.adapters.rag",
     "colbert": "unipruner.adapters.colbert",
     "vlm": "unipruner.adapters.vlm",
+    "diffusion": "unipruner.adapters.diffusion",
 }
 
 

@@ -30,12 +30,15 @@ class MergePlan:
     """Output slot of every input token: ``dst [B, N]`` long in ``[-1, n_out)``.
 
     ``out_mask [B, n_out]`` marks which output slots are real (ragged batches); ``None`` means
-    every slot of every row is real.
+    every slot of every row is real. ``rep [B, n_out]`` (optional) is the input position that
+    stands for each slot (the destination a matching kept in place), for callers that carry
+    per-position data such as rotary frequencies; matchings that know it set it.
     """
 
     dst: Tensor
     n_out: int
     out_mask: Tensor | None = None
+    rep: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.dst.ndim != 2 or self.dst.dtype != torch.long:

@@ -37,9 +37,9 @@ from torch import Tensor
 from . import _pooling
 from . import reduce as _reduce
 from ._merge import MergeFn, MergePlan, UnmergeFn
-from ._validate import check_mask, check_tokens, valid_counts
+from ._validate import check_grid, check_mask, check_tokens, valid_counts
 from .errors import UniprunerError
-from .scorers import diversity, graph, importance, similarity
+from .scorers import diversity, graph, importance, similarity, temporal
 from .select import Budget, topk
 
 __all__ = [
@@ -607,6 +607,13 @@ class MergingMethod(Method):
     def _round_size(self, cur: int, target: int) -> int:
         return min(cur - target, (cur - self.protected) // 2)
 
+    def plan(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> tuple[MergePlan, Tensor]:
+        """The merge map over ``tokens [B, N, D]`` that meets the budget, and each output slot's
+        representative input position ``[B, n_out]`` (what adapters merge / unmerge around an op)."""
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        return self._rounds(tokens, mask, signals)
+
     def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
         """Original positions of the surviving (representative) tokens, sorted."""
         tokens = check_tokens(tokens)
@@ -669,13 +676,18 @@ class ToMeSD(MergingMethod):
         metric = _metric(tokens, signals)
         merge, _ = self.match(metric, n - target, hw=(h, w))
         plan = MergePlan.from_fn(merge)
+        if plan.rep is not None:
+            return plan, plan.rep
         pos = torch.arange(n, device=tokens.device).expand(b, n).unsqueeze(-1).double()
-        rep = plan.merge(pos, mode="amin").squeeze(-1).long()
-        return plan, rep
+        return plan, plan.merge(pos, mode="amin").squeeze(-1).long()
 
     def match(self, metric: Tensor, r: int, **signals: Any) -> tuple[MergeFn, UnmergeFn]:
+        """One stride-matching round; ``generator=`` (a seeded ``torch.Generator``) overrides
+        ``seed`` for the destination draw (the diffusion adapter derives one per block and step)."""
         h, w = self._need(signals, "hw")
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        g = signals.get("generator")
+        if g is None:
+            g = torch.Generator(device="cpu").manual_seed(self.seed)
         return similarity.stride_matching_2d(metric, w, h, self.sx, self.sy, r,
                                              random_dst=self.random_dst, generator=g)
 
@@ -1354,6 +1366,299 @@ class Multihop(TextMethod):
 
 
 # ----------------------------------------------------------------------------------------------
+# diffusion: K/V downsampling (ToDo), G-WPR pruning with copy recovery (AT-EDM), cross-step
+# reuse (CAT); the core pieces, applied inside a denoiser by unipruner.diffusion
+# ----------------------------------------------------------------------------------------------
+
+
+def _unit_real(m: Method, name: str, low: float, high: float, *, open_low: bool = False) -> None:
+    v = getattr(m, name)
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+    if ok:
+        ok = (low < v if open_low else low <= v) and v <= high
+    if not ok:
+        lo = "(" if open_low else "["
+        raise UniprunerError(f"{m.name!r}: {name} must be a number in {lo}{low}, {high}], got {v!r}")
+
+
+def _full_grid(m: Method, tokens: Tensor, mask: Tensor | None, signals: Mapping[str, Any]) -> tuple[int, int]:
+    if mask is not None and not bool(mask.all()):
+        raise UniprunerError(f"{m.name!r} works on full latent grids; masks are not supported")
+    return check_grid(m._need(signals, "hw"), tokens.shape[1])
+
+
+@dataclass(frozen=True)
+class ToDo(Method):
+    """ToDo: self-attention reads keys / values from a downsampled token grid; every query stays.
+
+    Smith, Saxena & Saha, "ToDo: Token Downsampling for Efficient Generation of High-Resolution
+    Images", IJCAI 2024. The ``h x w`` grid of a self-attention layer's tokens is resized to
+    ``h2 x w2`` (:func:`unipruner.reduce.downsample_grid`) and only the keys and values are taken
+    from it, so attention costs ``N * h2 * w2`` instead of ``N^2`` and nothing needs unmerging.
+
+    The grid: with ``factor=f``, ``(ceil(h / f), ceil(w / f))`` and the budget is not used;
+    otherwise the budget (``ratio`` = fraction of the key / value tokens kept, or ``keep``) gives a
+    target count ``t`` and the grid is the one with ``h2 * w2`` closest to ``t`` (each side between
+    1 and the grid's), ties to the aspect ratio closest to ``h / w``, then to the smaller ``h2``.
+    :meth:`kv_tokens` is what an attention processor calls; :meth:`select` returns the positions a
+    nearest-neighbour resampling reads (the cell centres, ``"nearest-exact"``, for the other
+    modes) and :meth:`reduce` returns the downsampled grid itself (sizes 1: ToDo attends to it
+    without proportional attention).
+
+    Parameters
+    ----------
+    mode : str
+        Resampling: ``"nearest"`` (the released code's default, torch's floor rule),
+        ``"nearest-exact"``, ``"area"``, ``"bilinear"`` or ``"bicubic"``.
+    factor : int, optional
+        Downsampling factor per side (the released code's ``downsample_factor``, 2 by default
+        there); overrides the budget.
+
+    Notes
+    -----
+    The released code downsamples to ``(h // f, w // f)``; we round up, so an odd grid keeps its
+    last row / column and no side reaches 0 (the same grid whenever ``f`` divides the sides).
+    Which layers (the released code: the highest-resolution ones) and which steps are reduced is
+    the adapter's schedule.
+
+    Examples
+    --------
+    >>> m = ToDo(factor=2)
+    >>> kv, grid = m.kv_tokens(torch.randn(2, 64, 8), (8, 8))
+    >>> kv.shape, grid
+    (torch.Size([2, 16, 8]), (4, 4))
+    >>> ToDo(budget=0.5).grid((4, 6))
+    (3, 4)
+    """
+
+    name: ClassVar[str] = "todo"
+    family: ClassVar[str] = "similarity"
+    paper: ClassVar[str] = (
+        "Smith et al., ToDo: Token Downsampling for Efficient Generation of High-Resolution Images, IJCAI 2024"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("diffusion",)
+    requires: ClassVar[tuple[str, ...]] = ("hw",)
+    summary: ClassVar[str] = "self-attention K/V from a downsampled grid (queries full)"
+    mode: str = "nearest"
+    factor: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in _reduce.GRID_MODES:
+            raise UniprunerError(f"'todo': mode must be one of {_reduce.GRID_MODES}, got {self.mode!r}")
+        f = self.factor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
+            raise UniprunerError(f"'todo': factor must be an int >= 1 (2 halves each side) or None, got {f!r}")
+        if self.reduction != "drop":
+            raise UniprunerError("'todo' resamples the grid itself: reduction must be 'drop'")
+        if f is None and self.budget.data_dependent:
+            raise UniprunerError("'todo' needs a ratio or keep budget (or factor=) to size the key/value grid")
+
+    def grid(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The key / value grid ``(h2, w2)`` for a token grid ``hw``."""
+        h, w = check_grid(hw)
+        if self.factor is not None:
+            return -(-h // self.factor), -(-w // self.factor)
+        t = max(1, self.budget.count(h * w))
+        best = min(
+            (abs(h2 * w2 - t), abs(math.log(h2 * w / (w2 * h))), h2, w2)
+            for h2 in range(1, h + 1)
+            for w2 in {min(max(t // h2, 1), w), min(max(-(-t // h2), 1), w)}
+        )
+        return best[2], best[3]
+
+    def kv_tokens(self, tokens: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        """Keys / values source ``[B, h2*w2, C]`` from the row-major grid ``tokens [B, h*w, C]``, and ``(h2, w2)``."""
+        size = self.grid(check_grid(hw, check_tokens(tokens).shape[1]))
+        return _reduce.downsample_grid(tokens, hw, size, self.mode), size
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        tokens = check_tokens(tokens)
+        hw = _full_grid(self, tokens, check_mask(mask, tokens.shape[0], tokens.shape[1]), signals)
+        rule = self.mode if self.mode in ("nearest", "nearest-exact") else "nearest-exact"
+        idx = _reduce.grid_indices(hw, self.grid(hw), rule, device=tokens.device)
+        return idx.expand(tokens.shape[0], -1).clone()
+
+    def reduce(self, tokens: Tensor, *, mask: Tensor | None = None, sizes: Tensor | None = None,
+               **signals: Any) -> Reduced:
+        keep = self.select(tokens, mask=mask, **signals)
+        kv, _ = self.kv_tokens(tokens, signals["hw"])
+        return Reduced(kv, None, keep, torch.ones_like(kv[..., :1]))
+
+
+ATEDM_RECOVERY = ("copy", "residual")
+
+
+@dataclass(frozen=True)
+class ATEDM(ScoringMethod):
+    """AT-EDM: G-WPR importance over self-attention, top-k, pruned tokens recovered by similarity copy.
+
+    Wang et al., "Attention-Driven Training-Free Efficiency Enhancement of Diffusion Models"
+    (AT-EDM), CVPR 2024. Scores: :func:`unipruner.scorers.graph.gwpr` on the self-attention map
+    (``attn=``, ``[B, H, N, N]``). The top tokens by the budget survive the block; before the next
+    convolution :meth:`recover` restores the pruned ones from their most similar kept token
+    (:func:`unipruner.reduce.copy_recover`; ``recovery="residual"`` copies the kept token's
+    *update* onto the pruned token's own input instead).
+
+    DSAP (denoising-steps-aware pruning) prunes less in the early steps, where the attention maps
+    are still changing: :meth:`ratio_at` gives the fraction kept at a point of the run
+    (``progress`` in ``[0, 1]``, 0 = first step): ``max(ratio, dsap_ratio)`` while
+    ``progress < dsap_early``, the budget's ``ratio`` after. ``select`` / ``reduce`` apply it when
+    given the signal ``progress=``.
+
+    Parameters
+    ----------
+    damping, max_iter, tol, heads
+        G-WPR settings (:func:`~unipruner.scorers.graph.gwpr`).
+    dsap_early : float
+        Fraction of the run, in ``[0, 1]``, counted as early (0 disables DSAP).
+    dsap_ratio : float, optional
+        Fraction kept in the early steps, in ``(0, 1]``; default ``(1 + ratio) / 2`` (half as many
+        tokens pruned).
+    recovery : str
+        ``"copy"`` (the paper's) or ``"residual"``.
+
+    Notes
+    -----
+    The paper's DSAP leaves some attention blocks unpruned in the early steps; a step-wise ratio is
+    the per-call equivalent the core can express (which blocks to leave alone is the adapter's
+    schedule), and the split point and early ratio are our defaults, not the paper's numbers.
+
+    Examples
+    --------
+    >>> m = ATEDM(budget=0.5)
+    >>> m.ratio_at(0.0), m.ratio_at(0.9)
+    (0.75, 0.5)
+    >>> attn = torch.randn(1, 2, 6, 6).softmax(-1)
+    >>> keep = m.select(torch.randn(1, 6, 4), attn=attn)
+    >>> keep.shape
+    torch.Size([1, 3])
+    """
+
+    name: ClassVar[str] = "atedm"
+    family: ClassVar[str] = "graph"
+    paper: ClassVar[str] = (
+        "Wang et al., Attention-Driven Training-Free Efficiency Enhancement of Diffusion Models (AT-EDM), CVPR 2024"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("diffusion",)
+    requires: ClassVar[tuple[str, ...]] = ("attn",)
+    summary: ClassVar[str] = "G-WPR on self-attention; pruned tokens copied back (DSAP)"
+    damping: float = 1.0
+    max_iter: int = 30
+    tol: float = 1e-6
+    heads: str = "mean"
+    dsap_early: float = 0.3
+    dsap_ratio: float | None = None
+    recovery: str = "copy"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit_real(self, "dsap_early", 0.0, 1.0)
+        if self.dsap_ratio is not None:
+            _unit_real(self, "dsap_ratio", 0.0, 1.0, open_low=True)
+        if self.heads not in graph.GWPR_HEADS:
+            raise UniprunerError(f"'atedm': heads must be one of {graph.GWPR_HEADS}, got {self.heads!r}")
+        if self.recovery not in ATEDM_RECOVERY:
+            raise UniprunerError(f"'atedm': recovery must be one of {ATEDM_RECOVERY}, got {self.recovery!r}")
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return graph.gwpr(self._need(signals, "attn"), damping=self.damping, max_iter=self.max_iter,
+                          tol=self.tol, heads=self.heads, mask=mask)
+
+    def ratio_at(self, progress: float) -> float:
+        """DSAP: the fraction kept at ``progress`` in ``[0, 1]`` of the denoising run (0 = first step)."""
+        ratio = self.budget.ratio
+        if ratio is None or self.budget.data_dependent:
+            raise UniprunerError(f"'atedm': DSAP schedules a ratio budget, got {self.budget!r}")
+        if (isinstance(progress, bool) or not isinstance(progress, (int, float))
+                or not 0.0 <= float(progress) <= 1.0):
+            raise UniprunerError(f"progress must be a number in [0, 1] (0 = first step), got {progress!r}")
+        if float(progress) >= self.dsap_early:
+            return float(ratio)
+        early = (1.0 + ratio) / 2.0 if self.dsap_ratio is None else float(self.dsap_ratio)
+        return max(float(ratio), early)
+
+    def select(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        progress = signals.get("progress")
+        if progress is None:
+            return super().select(tokens, mask=mask, **signals)
+        tokens = check_tokens(tokens)
+        mask = check_mask(mask, tokens.shape[0], tokens.shape[1])
+        s = self.score(tokens, mask=mask, **signals)
+        return topk(s, Budget(ratio=self.ratio_at(progress)), mask=mask, protected=self.protected)
+
+    def recover(self, kept: Tensor, keep: Tensor, features: Tensor, inputs: Tensor | None = None) -> Tensor:
+        """Dense ``[B, N, C]`` outputs from the kept tokens' ``kept [B, K, C]`` (``recovery`` decides how).
+
+        ``features [B, N, D]``: what similarity is measured on; ``inputs [B, N, C]``: the block
+        inputs, needed by ``recovery="residual"``.
+        """
+        if self.recovery == "residual":
+            if inputs is None:
+                raise UniprunerError("'atedm' with recovery='residual' needs inputs= (the block inputs [B, N, C])")
+            return _reduce.copy_recover(kept, keep, features, base=inputs)
+        return _reduce.copy_recover(kept, keep, features)
+
+
+@dataclass(frozen=True)
+class CAT(ScoringMethod):
+    """CAT pruning: recompute the tokens whose noise changed most since the last step; reuse the rest.
+
+    Cheng, Chen & Jia, "CAT Pruning: Cluster-Aware Token Pruning For Text-to-Image Diffusion
+    Models", 2025. The kept tokens are the ones recomputed at this step; the others reuse their
+    cached outputs. Scores: :func:`unipruner.scorers.temporal.cat_scores` of the tokens (the
+    current noise prediction or latent) against ``previous=`` (the same at the last step), with
+    ``staleness=`` (steps since each token was recomputed; default 0) and ``hw=`` (spatial
+    clusters; default runs of consecutive tokens).
+
+    Parameters
+    ----------
+    staleness_weight : float
+        Score added per step of staleness (in units of the average relative change).
+    cluster : int
+        Side of the spatial windows the selection is balanced over.
+    balance : float
+        Strength of the balance, in ``[0, 1]``.
+
+    Examples
+    --------
+    >>> m = CAT(budget=0.25)
+    >>> prev = torch.ones(1, 16, 4); cur = prev.clone(); cur[0, 5] += 1.0; cur[0, 10] += 0.5
+    >>> m.select(cur, previous=prev, hw=(4, 4)).shape, int(m.score(cur, previous=prev, hw=(4, 4)).argmax())
+    (torch.Size([1, 4]), 5)
+    """
+
+    name: ClassVar[str] = "cat"
+    family: ClassVar[str] = "importance"
+    paper: ClassVar[str] = (
+        "Cheng et al., CAT Pruning: Cluster-Aware Token Pruning For Text-to-Image Diffusion Models, 2025"
+    )
+    domains: ClassVar[tuple[str, ...]] = ("diffusion",)
+    requires: ClassVar[tuple[str, ...]] = ("previous", "staleness")
+    summary: ClassVar[str] = "recompute the most changed tokens (+ staleness, clusters)"
+    staleness_weight: float = 0.1
+    cluster: int = 4
+    balance: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit_real(self, "staleness_weight", 0.0, math.inf)
+        _unit_real(self, "balance", 0.0, 1.0)
+        if isinstance(self.cluster, bool) or not isinstance(self.cluster, int) or self.cluster < 1:
+            raise UniprunerError(f"'cat': cluster must be an int >= 1 (the window side), got {self.cluster!r}")
+
+    def scores(self, current: Tensor, previous: Tensor, staleness: Tensor | None = None, *,
+               hw: tuple[int, int] | None = None, mask: Tensor | None = None) -> Tensor:
+        """Scores ``[B, N]`` of ``current`` against ``previous`` (``[B, N, C]``), with ``staleness [B, N]``."""
+        return temporal.cat_scores(current, previous, staleness, hw=hw, staleness_weight=self.staleness_weight,
+                                   cluster=self.cluster, balance=self.balance, mask=mask)
+
+    def score(self, tokens: Tensor, *, mask: Tensor | None = None, **signals: Any) -> Tensor:
+        return self.scores(tokens, self._need(signals, "previous"), signals.get("staleness"),
+                           hw=signals.get("hw"), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -1366,6 +1671,7 @@ _CLASSES: tuple[type[Method], ...] = (
     DivPrune, KCenter, MMR,
     VisionZip, PruMerge, PruMergePlus, HoloV,  # vision-tower (VLM)
     BM25, Hybrid, FocalAttention, SelfInformation, Multihop,
+    ToDo, ATEDM, CAT,  # diffusion
 )
 
 REGISTRY: Mapping[str, type[Method]] = MappingProxyType({c.name: c for c in _CLASSES})

@@ -309,7 +309,8 @@ def stride_matching_2d(metric: Tensor, w: int, h: int, sx: int, sy: int, r: int,
         src_slot = torch.where(removed, slot.gather(1, dst_pos[match]), slot[:, src_pos])
         dst = slot.clone()
         dst[:, src_pos] = src_slot
-    return MergePlan(dst, n - r).closures()
+        rep = torch.nonzero(keep)[:, 1].reshape(b, n - r)  # the kept tokens, in order: slot -> position
+    return MergePlan(dst, n - r, rep=rep).closures()
 
 
 # ----------------------------------------------------------------------------- DART
