@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "unipruner._merge", "unipruner.select", "unipruner._draw"),
     ("unipruner.scorers", "unipruner._pooling", "unipruner.reduce"),
     ("unipruner.methods",),
-    ("unipruner.hosts",),
+    ("unipruner.hosts", "unipruner.engines"),
     ("unipruner.adapters",),
     ("unipruner.demo", "unipruner.cli", "unipruner.__main__", "unipruner"),
 )

@@ -39,9 +39,21 @@ import numpy as np
 import torch
 
 from ..._threads import limit_threads
+from ...engines import Engine, LocalEngine, make_engine
 from ...errors import UniprunerError
 from ...methods import Method
 from ._methods import ReduceSpec, TokenTable, as_spec, chunk_scores, global_counts, global_total, reduce_chunk
+from ._parts import (
+    STAGED_FORMATS,
+    ChunkJob,
+    assemble,
+    check_summaries,
+    fingerprint,
+    open_stage,
+    prepare,
+    score_chunk,
+    stage_chunk,
+)
 from .formats import Chunk, IndexFormat, IndexInfo, detect_format
 
 __all__ = ["CompressResult", "compress", "open_index"]
@@ -61,12 +73,27 @@ class CompressResult:
     spec : ReduceSpec
     seconds : float
         Wall time of the whole run.
+    engine : str
+        ``"local"`` or ``"ray"``.
+    workers : int
+        Chunks reduced at once.
+    retries : int
+        Chunks run again after a lost worker or node.
+    resumed_chunks : int
+        Chunks a previous run had finished (``resume``).
+    worker_peak_rss : tuple of int
+        Peak resident bytes of every worker process that reduced a chunk (empty for Voyager).
     """
 
     src: IndexInfo
     dst: IndexInfo
     spec: ReduceSpec
     seconds: float
+    engine: str = "local"
+    workers: int = 1
+    retries: int = 0
+    resumed_chunks: int = 0
+    worker_peak_rss: tuple[int, ...] = ()
 
     @property
     def docs_per_s(self) -> float:
@@ -150,9 +177,11 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
         raise UniprunerError(f"the parent directory of DST ({dst.parent}) does not exist; create it first")
 
 
-def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, workers: int = 1, force: bool = False,
-             texts: Sequence[str] | None = None, tokenizer: Any = None, max_length: int | None = None,
-             progress: Progress | None = None) -> CompressResult:
+def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, workers: int | None = None,
+             force: bool = False, texts: Sequence[str] | None = None, tokenizer: Any = None,
+             max_length: int | None = None, progress: Progress | None = None, engine: str | Engine = "local",
+             address: str | None = None, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+             resume: bool = False) -> CompressResult:
     """Write a reduced copy of the index ``src`` to ``dst`` in the same format and codec.
 
     Token pooling (Clavié, Chaffin & Adams, "Reducing the Footprint of Multi-Vector Retrieval with Minimal
@@ -167,14 +196,23 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, wor
         The directory to create; its parent must exist.
     spec : ReduceSpec or Method
         Method, budget, protected vectors, scope (a registry Method instance: per-document scope).
-    workers : int
-        Processes reducing chunks in parallel (1: in this process).
+    workers : int, optional
+        Chunks reduced at once: local processes (default 1: in this process) or Ray tasks in flight (default: the
+        cluster's CPUs / ``cpus_per_worker``).
     force : bool
         Replace an existing ``dst``.
     texts, tokenizer, max_length :
         Collection text in index order and the encoder's tokenizer, for ``idf`` / ``stopwords``.
     progress : callable, optional
         ``progress(docs_done, vectors_in, vectors_out)`` after each chunk.
+    engine : {"local", "ray"} or Engine
+        Where the chunks run (:mod:`unipruner.engines`); both run the same per-chunk function
+        (:func:`~._parts.stage_chunk`) and write the same bytes. Voyager indexes (one HNSW file) run locally only.
+    address, cpus_per_worker, gpus_per_worker :
+        Ray only: the cluster (``"auto"``, ``"HOST:PORT"``; None: a local instance) and each task's resources.
+    resume : bool
+        Continue the staging directory a killed run left next to ``dst`` (same SRC and method): its finished
+        chunks are kept, the others are run.
 
     Returns
     -------
@@ -188,18 +226,93 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, wor
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     spec = as_spec(spec)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise UniprunerError(f"workers must be an int >= 1, got {workers!r}")
     index = open_index(src)  # full validation before anything is written
     _check_paths(src, dst, force)
     info = index.info()
+    local = engine == "local" or isinstance(engine, LocalEngine)
+    if info.format not in STAGED_FORMATS and (resume or not local):
+        raise UniprunerError(f"{info.format} indexes are one monolithic file (Voyager's HNSW graph): they are "
+                             "compressed on one machine; use --engine local (without --resume)")
     tokens: TokenTable | None = None
     if spec.needs_tokens:
         if texts is None or tokenizer is None:
             raise UniprunerError(f"method {spec.name!r} needs the collection text and the encoder's tokenizer "
                                  "(--corpus and --model in the CLI)")
         tokens = TokenTable.from_texts(texts, tokenizer, info.doclens, max_length=max_length)
+    if info.format not in STAGED_FORMATS:
+        _compress_sequential(index, info, dst, spec, tokens, workers or 1, force, progress)
+        return CompressResult(info, open_index(dst).info(), spec, time.perf_counter() - t0)
 
+    eng = engine if isinstance(engine, Engine) else make_engine(
+        engine, workers=workers, address=address, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    stage, done = open_stage(dst, fingerprint(info, spec, tokens), resume)
+    keep_stage = False
+    try:
+        job = ChunkJob(str(src.resolve()), info.format, spec, str(stage.resolve()), tokens,
+                       getattr(index, "chunk_vectors", None) if info.format == "raw" else None)
+        counts: list[np.ndarray | None] = [None] * info.n_chunks
+        if spec.scope == "global":
+            scored: dict[int, tuple[int, int, np.ndarray]] = {}
+            eng.map(score_chunk, job, list(range(info.n_chunks)), scored.__setitem__)
+            total = global_total(info.n_vectors, info.n_docs, spec)
+            ordered = [scored[i] for i in range(info.n_chunks)]
+            counts_all = global_counts(np.concatenate([s for _, _, s in ordered]) if ordered else np.zeros(0),
+                                       info.doclens, total)
+            counts = [counts_all[a:a + n] for a, n, _ in ordered]
+            del scored, ordered
+        prepare(index, stage)
+        state = {"docs": sum(s["docs"] for s in done.values()), "in": sum(s["vectors_in"] for s in done.values()),
+                 "out": sum(s["vectors_out"] for s in done.values())}
+
+        def on_result(_: int, s: dict[str, Any]) -> None:
+            done[s["chunk"]] = s
+            state["docs"] += s["docs"]
+            state["in"] += s["vectors_in"]
+            state["out"] += s["vectors_out"]
+            if progress is not None:
+                progress(state["docs"], state["in"], state["out"])
+
+        if progress is not None and done:
+            progress(state["docs"], state["in"], state["out"])
+        todo = [(i, counts[i]) for i in range(info.n_chunks) if i not in done]
+        stats = eng.map(stage_chunk, job, todo, on_result)
+        assemble(index, stage, check_summaries(done, info))
+        _commit(stage / "index", dst)
+    except Exception:
+        raise  # an error: the staging directory goes
+    except BaseException:  # interrupted (Ctrl-C): the finished chunks stay for --resume
+        keep_stage = True
+        raise
+    finally:
+        if not isinstance(engine, Engine):
+            eng.close()
+        if not keep_stage:
+            shutil.rmtree(stage, ignore_errors=True)
+    peaks: dict[int, int] = {}
+    for s in done.values():
+        peaks[s["pid"]] = max(peaks.get(s["pid"], 0), s["peak_rss"])
+    return CompressResult(info, open_index(dst).info(), spec, time.perf_counter() - t0, engine=eng.name,
+                          workers=stats.workers, retries=stats.retries, resumed_chunks=info.n_chunks - len(todo),
+                          worker_peak_rss=tuple(sorted(peaks.values())))
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Rename the finished ``tmp`` to ``dst``; an existing ``dst`` (force) is moved aside first, then deleted."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / "index")
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def _compress_sequential(index: IndexFormat, info: IndexInfo, dst: Path, spec: ReduceSpec,
+                         tokens: TokenTable | None, workers: int, force: bool, progress: Progress | None) -> None:
+    """Formats without independent chunk files (Voyager): chunks reduced in order (optionally in ``workers``
+    processes) and fed to the format's writer on a temporary directory, renamed to ``dst`` at the end."""
     pool: ProcessPoolExecutor | None = None
     if workers > 1 and info.n_chunks > 1:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -243,18 +356,10 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, wor
         writer.close()
         if docs != info.n_docs:
             raise UniprunerError(f"the source yielded {docs} documents but reports {info.n_docs}")
-        if dst.exists():  # force=True: move the old DST aside, put the new one in place, then delete the old
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "index")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        _commit(tmp, dst)
         tmp = None
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    out_info = open_index(dst).info()
-    return CompressResult(info, out_info, spec, time.perf_counter() - t0)

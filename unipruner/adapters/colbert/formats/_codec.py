@@ -7,6 +7,7 @@ plus ``nbits`` residual bucket indices per dimension; the inverted file lists th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import torch
 
 from .base import IndexFormatError
 
-__all__ = ["ResidualCodec", "build_ivf_pairs", "check_codec", "check_codes_residuals", "ivf_from_pairs"]
+__all__ = ["ResidualCodec", "build_ivf_pairs", "check_codec", "check_codes_residuals", "ivf_from_pairs",
+           "ivf_to_file"]
 
 
 @dataclass(frozen=True)
@@ -187,3 +189,51 @@ def ivf_from_pairs(keys: list[torch.Tensor], partitions: int) -> tuple[torch.Ten
     pids = allk & 0xFFFFFFFF
     lengths = torch.bincount(centroid, minlength=partitions)
     return pids, lengths
+
+
+def ivf_to_file(pairs: Callable[[int], torch.Tensor], n_chunks: int, partitions: int, out: Path, dtype: Any,
+                padding: Callable[[np.ndarray], int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The global IVF of :func:`ivf_from_pairs`, built without holding every chunk's pairs: a two-pass counting sort
+    into a memory-mapped ``.npy`` file (PLAID's inverted file, Santhanam et al., CIKM 2022).
+
+    Pass 1 counts the (centroid, document) pairs of every centroid chunk by chunk; pass 2 places each chunk's
+    document ids at its centroids' cursors. Chunks hold contiguous documents in order and ``pairs(i)`` is sorted,
+    so every list comes out sorted and equal, entry for entry, to :func:`ivf_from_pairs`.
+
+    Parameters
+    ----------
+    pairs : callable
+        ``pairs(i)``: chunk ``i``'s sorted unique ``code << 32 | document`` keys (:func:`build_ivf_pairs`); called
+        twice per chunk.
+    n_chunks, partitions : int
+    out : Path
+        The ``.npy`` file to create (memory: one chunk's keys plus ``[partitions]`` counters; the ids live in the
+        file's pages).
+    dtype : numpy dtype
+        Of the document ids in ``out``.
+    padding : callable, optional
+        ``padding(lengths)``: zeros to append after the lists (colbert-ai's padded layout).
+
+    Returns
+    -------
+    ivf : numpy.memmap
+        The ids per centroid, concatenated (then the padding), backed by ``out``.
+    lengths : numpy.ndarray
+        int64 ``[partitions]``.
+    """
+    lengths = np.zeros(partitions, dtype=np.int64)
+    for i in range(n_chunks):
+        lengths += np.bincount((pairs(i) >> 32).numpy(), minlength=partitions)
+    total = int(lengths.sum())
+    extra = padding(lengths) if padding is not None else 0
+    ivf = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(total + extra,))  # zero-filled
+    cursor = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    for i in range(n_chunks):
+        keys = pairs(i).numpy()
+        code = keys >> 32
+        counts = np.bincount(code, minlength=partitions)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # each centroid's first key in this chunk
+        ivf[cursor[code] + np.arange(keys.size) - first[code]] = keys & 0xFFFFFFFF
+        cursor += counts
+    ivf.flush()
+    return ivf, lengths

@@ -10,6 +10,9 @@ Change log
 - v2 (00:45 UTC): optional, non-abstract ``IndexFormat.doc_ids() -> list[str] | None`` (document ids in index order
   when the format stores them readably; default None = "same order as the collection"). ``dir_bytes(path)`` helper.
   Nothing else changed; formats need not override it.
+- v3 (issue 14, Ray scale-out): optional, non-abstract ``IndexFormat.chunk(i) -> Chunk`` (random access to one
+  chunk, so a distributed engine can hand chunk numbers to its workers; default: iterate :meth:`chunks` up to ``i``).
+  raw, plaid and fast-plaid override it with a direct read.
 
 A format decodes an index on disk into :class:`Chunk` objects (float32 vectors of contiguous documents) and writes
 reduced chunks back in the same format and codec. The compress pipeline (``_compress.py``) opens the source with
@@ -178,6 +181,14 @@ class IndexFormat(ABC):
     @abstractmethod
     def chunks(self) -> Iterator[Chunk]:
         """Yield the index's chunks in order, decoded; memory bounded by one chunk."""
+
+    def chunk(self, i: int) -> Chunk:
+        """Chunk ``i`` alone, decoded (what :meth:`chunks` yields ``i``-th); formats with per-chunk files override
+        this with a direct read (the default iterates :meth:`chunks`)."""
+        for c in self.chunks():
+            if c.index == i:
+                return c
+        raise IndexFormatError(f"{self.info().path}: no chunk {i}")
 
     @abstractmethod
     def writer(self, dst: Path) -> ChunkWriter:

@@ -62,7 +62,8 @@ from .base import (
     register,
 )
 
-__all__ = ["FastPlaidFormat", "FastPlaidWriter"]
+__all__ = ["FastPlaidFormat", "FastPlaidWriter", "copy_unchanged", "out_root", "write_chunk_files", "write_chunk_meta",
+           "write_metadata", "write_raw_embeddings"]
 
 SUBDIR = "fast_plaid_index"
 # Written anew (or deliberately dropped) by the writer; every other file is copied byte for byte.
@@ -210,16 +211,92 @@ class FastPlaidFormat(IndexFormat):
 
     def chunks(self) -> Iterator[Chunk]:
         """Yield each fast-plaid chunk decoded with the index's codec (memory: one chunk)."""
-        for i, (dl, (doc_off, _)) in enumerate(zip(self.chunk_doclens, self.offsets, strict=True)):
-            codes = load_npy(self.root / f"{i}.codes.npy", f"centroid codes of chunk {i}")
-            residuals = load_npy(self.root / f"{i}.residuals.npy", f"residuals of chunk {i}")
-            check_codes_residuals(codes, residuals, int(dl.sum()), self.codec, i, self.root)
-            vectors = self.codec.decode(torch.from_numpy(codes), torch.from_numpy(residuals))
-            yield Chunk(index=i, doc_offset=doc_off, doclens=dl.copy(), vectors=vectors)
+        for i in range(len(self.chunk_doclens)):
+            yield self.chunk(i)
+
+    def chunk(self, i: int) -> Chunk:
+        """fast-plaid chunk ``i`` decoded with the index's codec."""
+        if not 0 <= i < len(self.chunk_doclens):
+            raise IndexFormatError(f"{self.root}: no chunk {i} (the index has {len(self.chunk_doclens)})")
+        dl, doc_off = self.chunk_doclens[i], self.offsets[i][0]
+        codes = load_npy(self.root / f"{i}.codes.npy", f"centroid codes of chunk {i}")
+        residuals = load_npy(self.root / f"{i}.residuals.npy", f"residuals of chunk {i}")
+        check_codes_residuals(codes, residuals, int(dl.sum()), self.codec, i, self.root)
+        vectors = self.codec.decode(torch.from_numpy(codes), torch.from_numpy(residuals))
+        return Chunk(index=i, doc_offset=doc_off, doclens=dl.copy(), vectors=vectors)
 
     def writer(self, dst: Path) -> FastPlaidWriter:
         """A writer producing a fast-plaid index (same layout and codec) in the empty directory ``dst``."""
         return FastPlaidWriter(self, Path(dst))
+
+
+def out_root(src: FastPlaidFormat, dst: Path) -> Path:
+    """Where a rewrite of ``src`` into ``dst`` keeps the fast-plaid files (``dst/fast_plaid_index`` for PyLate's
+    layout, ``dst`` for a bare fast-plaid directory)."""
+    return dst / SUBDIR if src.root != src.path else dst
+
+
+def copy_unchanged(src: FastPlaidFormat, dst: Path) -> None:
+    """Copy the files a rewrite keeps (codec files, plan.json, cluster_threshold.npy, metadata.db, ... and PyLate's
+    id maps) byte for byte, never parsed: documents stay in place, so they stay valid."""
+    root = out_root(src, dst)
+    root.mkdir(exist_ok=True)
+    for f in sorted(src.root.iterdir()):
+        if f.is_file() and not f.is_symlink() and f.name not in _NOT_COPIED and not _CHUNK_FILE.match(f.name) \
+                and not f.name.startswith(("merged_", ".")):
+            copy_file_atomic(f, root / f.name)
+    if root != dst:
+        for f in sorted(src.path.iterdir()):
+            if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
+                copy_file_atomic(f, dst / f.name)
+
+
+def write_chunk_files(src: FastPlaidFormat, dst: Path, chunk: Chunk) -> tuple[np.ndarray, torch.Tensor]:
+    """Encode one reduced chunk with the source codec; write its codes, residuals and doclens (fast-plaid layout).
+
+    Returns the chunk's int64 doclens and the int64 centroid id of every written vector.
+    """
+    check_chunk(chunk, src.codec.dim)
+    i = chunk.index
+    if not 0 <= i < len(src.chunk_doclens):
+        raise IndexFormatError(f"chunk {i}: the source index has {len(src.chunk_doclens)} chunks")
+    doc_off = src.offsets[i][0]
+    n_docs = len(src.chunk_doclens[i])
+    doclens = np.asarray(chunk.doclens, dtype=np.int64)
+    if chunk.doc_offset != doc_off or len(doclens) != n_docs:
+        raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, {chunk.doc_offset + len(doclens)})"
+                               f" but the source chunk holds [{doc_off}, {doc_off + n_docs}): documents must "
+                               "stay in place")
+    root = out_root(src, dst)
+    codes, residuals = src.codec.encode(chunk.vectors)
+    save_npy_atomic(root / f"{i}.codes.npy", codes.numpy().astype(src.codes_dtype))
+    save_npy_atomic(root / f"{i}.residuals.npy", residuals.numpy())
+    atomic_write_text(root / f"doclens.{i}.json", json.dumps([int(v) for v in doclens], separators=(",", ":")))
+    return doclens, codes
+
+
+def write_chunk_meta(src: FastPlaidFormat, dst: Path, i: int, n_docs: int, n_vectors: int, emb_offset: int) -> None:
+    """Write ``{i}.metadata.json`` of a rewritten chunk (``embedding_offset``: vectors of the chunks before it)."""
+    atomic_write_text(out_root(src, dst) / f"{i}.metadata.json", json.dumps(
+        {"embedding_offset": emb_offset, "num_documents": n_docs, "num_embeddings": n_vectors}, indent=2))
+
+
+def write_raw_embeddings(src: FastPlaidFormat, dst: Path, docs: list[np.ndarray]) -> None:
+    """``embeddings.npy`` in fast-plaid's own layout (``save_list_tensors_on_disk``: an object array of
+    per-document float arrays), written (never read) so that fast-plaid's update starts from the reduced vectors."""
+    raw = np.empty(len(docs), dtype=object)
+    for j, d in enumerate(docs):
+        raw[j] = d
+    save_npy_atomic(out_root(src, dst) / "embeddings.npy", raw, allow_pickle=True)
+
+
+def write_metadata(src: FastPlaidFormat, dst: Path, n_vectors: int) -> None:
+    """The updated ``metadata.json`` (``num_embeddings``, ``avg_doclen``) of a rewritten fast-plaid index."""
+    meta = dict(src.meta)
+    n_docs = int(sum(len(d) for d in src.chunk_doclens))
+    meta["num_embeddings"] = n_vectors
+    meta["avg_doclen"] = n_vectors / n_docs if n_docs else 0.0
+    atomic_write_text(out_root(src, dst) / "metadata.json", json.dumps(meta, indent=2))
 
 
 class FastPlaidWriter(ChunkWriter):
@@ -230,50 +307,27 @@ class FastPlaidWriter(ChunkWriter):
             raise IndexFormatError(f"{dst}: the writer needs an existing empty directory")
         self.src = src
         self.dst = dst
-        self.root = dst / SUBDIR if src.root != src.path else dst
-        self.root.mkdir(exist_ok=True)
+        self.root = out_root(src, dst)
         self.next_chunk = 0
         self.emb_offset = 0
         self.ivf_keys: list[torch.Tensor] = []
         self.keep_raw = (src.root / "embeddings.npy").is_file()
         self.raw_docs: list[np.ndarray] = []
         self.closed = False
-        # Codec files, plan.json, cluster_threshold.npy, metadata.db, ... and PyLate's id maps stay valid because
-        # documents stay in place: copied byte for byte, never parsed.
-        for f in sorted(src.root.iterdir()):
-            if f.is_file() and not f.is_symlink() and f.name not in _NOT_COPIED and not _CHUNK_FILE.match(f.name) \
-                    and not f.name.startswith(("merged_", ".")):
-                copy_file_atomic(f, self.root / f.name)
-        if self.root != dst:
-            for f in sorted(src.path.iterdir()):
-                if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
-                    copy_file_atomic(f, dst / f.name)
+        copy_unchanged(src, dst)
 
     def write(self, chunk: Chunk) -> None:
         """Encode one reduced chunk with the source codec; write codes, residuals, doclens, chunk metadata."""
         if self.closed:
             raise IndexFormatError("write() after close()")
-        check_chunk(chunk, self.src.codec.dim)
         i = self.next_chunk
         if chunk.index != i or i >= len(self.src.chunk_doclens):
             raise IndexFormatError(f"chunk {chunk.index} written out of order: expected chunk {i} of "
                                    f"{len(self.src.chunk_doclens)}")
-        doc_off = self.src.offsets[i][0]
-        n_docs = len(self.src.chunk_doclens[i])
-        doclens = np.asarray(chunk.doclens, dtype=np.int64)
-        if chunk.doc_offset != doc_off or len(doclens) != n_docs:
-            raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, {chunk.doc_offset + len(doclens)})"
-                                   f" but the source chunk holds [{doc_off}, {doc_off + n_docs}): documents must "
-                                   "stay in place")
-        codes, residuals = self.src.codec.encode(chunk.vectors)
-        save_npy_atomic(self.root / f"{i}.codes.npy", codes.numpy().astype(self.src.codes_dtype))
-        save_npy_atomic(self.root / f"{i}.residuals.npy", residuals.numpy())
-        atomic_write_text(self.root / f"doclens.{i}.json", json.dumps([int(v) for v in doclens],
-                                                                      separators=(",", ":")))
+        doclens, codes = write_chunk_files(self.src, self.dst, chunk)
         n = int(doclens.sum())
-        atomic_write_text(self.root / f"{i}.metadata.json", json.dumps(
-            {"embedding_offset": self.emb_offset, "num_documents": n_docs, "num_embeddings": n}, indent=2))
-        self.ivf_keys.append(build_ivf_pairs(codes, doclens, doc_off, None))
+        write_chunk_meta(self.src, self.dst, i, len(doclens), n, self.emb_offset)
+        self.ivf_keys.append(build_ivf_pairs(codes, doclens, self.src.offsets[i][0], None))
         if self.keep_raw:
             vec = chunk.vectors.detach().to(torch.float32).cpu().numpy()
             self.raw_docs.extend(np.split(vec, np.cumsum(doclens)[:-1]))
@@ -290,17 +344,8 @@ class FastPlaidWriter(ChunkWriter):
         save_npy_atomic(self.root / "ivf.npy", pids.numpy().astype(np.int64))
         save_npy_atomic(self.root / "ivf_lengths.npy", lengths.numpy().astype(np.int32))
         if self.keep_raw:
-            # fast-plaid's own layout for this file (``save_list_tensors_on_disk``): an object array of per-document
-            # float arrays. We write it (never read it) so that fast-plaid's update starts from the reduced vectors.
-            raw = np.empty(len(self.raw_docs), dtype=object)
-            for j, d in enumerate(self.raw_docs):
-                raw[j] = d
-            save_npy_atomic(self.root / "embeddings.npy", raw, allow_pickle=True)
+            write_raw_embeddings(self.src, self.dst, self.raw_docs)
             self.raw_docs = []
-        meta = dict(self.src.meta)
-        n_docs = int(sum(len(d) for d in self.src.chunk_doclens))
-        meta["num_embeddings"] = self.emb_offset
-        meta["avg_doclen"] = self.emb_offset / n_docs if n_docs else 0.0
-        atomic_write_text(self.root / "metadata.json", json.dumps(meta, indent=2))
+        write_metadata(self.src, self.dst, self.emb_offset)
         self.ivf_keys = []
         self.closed = True

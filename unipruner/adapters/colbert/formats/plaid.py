@@ -58,7 +58,8 @@ from .base import (
     register,
 )
 
-__all__ = ["PlaidFormat", "PlaidWriter"]
+__all__ = ["PlaidFormat", "PlaidWriter", "copy_unchanged", "ivf_padding", "write_chunk_files", "write_chunk_meta",
+           "write_globals"]
 
 PYLATE_ID_MAPS = ("documents_ids_to_plaid_ids.pkl", "plaid_ids_to_documents_ids.pkl")
 _REGENERATED = {"metadata.json", "ivf.pid.pt", "ivf.pt"}
@@ -220,16 +221,93 @@ class PlaidFormat(IndexFormat):
     def chunks(self) -> Iterator[Chunk]:
         """Yield each colbert-ai chunk decoded with the index's codec (memory: one chunk); removed documents
         (length 0) are left out and ``doc_offset`` counts the documents yielded before."""
-        for i, dl in enumerate(self.chunk_doclens):
-            codes = load_tensor_file(self.path / f"{i}.codes.pt", f"centroid codes of chunk {i}")
-            residuals = load_tensor_file(self.path / f"{i}.residuals.pt", f"residuals of chunk {i}")
-            check_codes_residuals(codes, residuals, int(dl.sum()), self.codec, i, self.path)
-            yield Chunk(index=i, doc_offset=int(self.present_offsets[i]), doclens=dl[dl > 0].copy(),
-                        vectors=self.codec.decode(codes, residuals))
+        for i in range(len(self.chunk_doclens)):
+            yield self.chunk(i)
+
+    def chunk(self, i: int) -> Chunk:
+        """colbert-ai chunk ``i`` decoded with the index's codec (removed documents left out)."""
+        if not 0 <= i < len(self.chunk_doclens):
+            raise IndexFormatError(f"{self.path}: no chunk {i} (the index has {len(self.chunk_doclens)})")
+        dl = self.chunk_doclens[i]
+        codes = load_tensor_file(self.path / f"{i}.codes.pt", f"centroid codes of chunk {i}")
+        residuals = load_tensor_file(self.path / f"{i}.residuals.pt", f"residuals of chunk {i}")
+        check_codes_residuals(codes, residuals, int(dl.sum()), self.codec, i, self.path)
+        return Chunk(index=i, doc_offset=int(self.present_offsets[i]), doclens=dl[dl > 0].copy(),
+                     vectors=self.codec.decode(codes, residuals))
 
     def writer(self, dst: Path) -> PlaidWriter:
         """A writer producing a PLAID index with this index's codec in the empty directory ``dst``."""
         return PlaidWriter(self, Path(dst))
+
+
+def copy_unchanged(src: PlaidFormat, dst: Path) -> None:
+    """Copy every file a rewrite does not regenerate (codec, plan, PyLate's id maps, RAGatouille's
+    pid_docid_map.json / collection, ...) from ``src`` to ``dst`` byte for byte: they stay valid because documents
+    stay in place, and they are never parsed."""
+    for f in sorted(src.path.iterdir()):
+        if f.is_file() and not f.is_symlink() and f.name not in _REGENERATED and not _CHUNK_FILE.match(f.name) \
+                and not f.name.startswith("."):
+            copy_file_atomic(f, dst / f.name)
+
+
+def write_chunk_files(src: PlaidFormat, dst: Path, chunk: Chunk) -> tuple[np.ndarray, torch.Tensor]:
+    """Encode one reduced chunk with the source codec and write ``{i}.codes.pt``, ``{i}.residuals.pt`` and
+    ``doclens.{i}.json`` (the files that depend on this chunk alone; colbert-ai PLAID layout).
+
+    Returns
+    -------
+    doclens : numpy.ndarray
+        int64 stored lengths of the chunk's documents (0 for removed ones).
+    codes : torch.Tensor
+        int64 centroid id of every written vector.
+    """
+    check_chunk(chunk, src.codec.dim)
+    i = chunk.index
+    if not 0 <= i < len(src.chunk_doclens):
+        raise IndexFormatError(f"chunk {i}: the source index has {len(src.chunk_doclens)} chunks")
+    present = src.chunk_doclens[i] > 0
+    first, end = int(src.present_offsets[i]), int(src.present_offsets[i + 1])
+    if chunk.doc_offset != first or len(chunk.doclens) != end - first:
+        raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, "
+                               f"{chunk.doc_offset + len(chunk.doclens)}) but the source chunk holds [{first}, "
+                               f"{end}): documents must stay in place")
+    doclens = np.zeros(len(present), dtype=np.int64)  # removed documents keep their id with length 0
+    doclens[present] = np.asarray(chunk.doclens, dtype=np.int64)
+    codes, residuals = src.codec.encode(chunk.vectors)
+    codes32 = codes.to(torch.int32)
+    save_atomic(dst / f"{i}.codes.pt", lambda t: torch.save(codes32, t))
+    save_atomic(dst / f"{i}.residuals.pt", lambda t: torch.save(residuals, t))
+    atomic_write_text(dst / f"doclens.{i}.json", json.dumps([int(v) for v in doclens]))
+    return doclens, codes
+
+
+def write_chunk_meta(src: PlaidFormat, dst: Path, i: int, n_docs: int, n_vectors: int, emb_offset: int) -> None:
+    """Write ``{i}.metadata.json`` of a rewritten chunk (``embedding_offset``: vectors of the chunks before it)."""
+    atomic_write_text(dst / f"{i}.metadata.json", json.dumps(
+        {"passage_offset": int(src.chunk_meta[i]["passage_offset"]), "num_passages": n_docs,
+         "num_embeddings": n_vectors, "embedding_offset": emb_offset}, indent=4) + "\n")
+
+
+def ivf_padding(lengths: torch.Tensor | np.ndarray) -> int:
+    """Zeros colbert-ai appends to the IVF so a batched lookup of ``max_stride`` entries from the last list stays
+    in bounds (0 when none are needed)."""
+    lengths = np.asarray(lengths)
+    if not lengths.size:
+        return 0
+    max_stride, total = int(lengths.max()), int(lengths.sum())
+    return max_stride if int(lengths[:-1].sum()) + max_stride > total else 0
+
+
+def write_globals(src: PlaidFormat, dst: Path, ivf: torch.Tensor, lengths: torch.Tensor, n_vectors: int) -> None:
+    """Write ``ivf.pid.pt`` (``ivf``: int32 document ids per centroid, padded; ``lengths`` ``[P]``) and the
+    updated ``metadata.json`` (``num_embeddings``, ``avg_doclen``) of a rewritten PLAID index."""
+    ivf_lengths = lengths.to(torch.int64)
+    save_atomic(dst / "ivf.pid.pt", lambda t: torch.save((ivf, ivf_lengths), t))
+    meta = dict(src.meta)
+    n_docs = int(src.present_offsets[-1])
+    meta["num_embeddings"] = n_vectors
+    meta["avg_doclen"] = n_vectors / n_docs if n_docs else 0.0
+    atomic_write_text(dst / "metadata.json", json.dumps(meta, indent=4) + "\n")
 
 
 class PlaidWriter(ChunkWriter):
@@ -244,41 +322,21 @@ class PlaidWriter(ChunkWriter):
         self.emb_offset = 0
         self.ivf_keys: list[torch.Tensor] = []
         self.closed = False
-        # Every other file (codec, plan, PyLate's id maps, RAGatouille's pid_docid_map.json / collection, ...) stays
-        # valid because documents stay in place: copied byte for byte, never parsed.
-        for f in sorted(src.path.iterdir()):
-            if f.is_file() and not f.is_symlink() and f.name not in _REGENERATED and not _CHUNK_FILE.match(f.name) \
-                    and not f.name.startswith("."):
-                copy_file_atomic(f, dst / f.name)
+        copy_unchanged(src, dst)
 
     def write(self, chunk: Chunk) -> None:
         """Encode one reduced chunk with the source codec and write its codes, residuals, doclens, metadata."""
         if self.closed:
             raise IndexFormatError("write() after close()")
-        check_chunk(chunk, self.src.codec.dim)
         i = self.next_chunk
         if chunk.index != i or i >= len(self.src.chunk_doclens):
             raise IndexFormatError(f"chunk {chunk.index} written out of order: expected chunk {i} of "
                                    f"{len(self.src.chunk_doclens)}")
-        meta = self.src.chunk_meta[i]
-        present = self.src.chunk_doclens[i] > 0
-        first, end = int(self.src.present_offsets[i]), int(self.src.present_offsets[i + 1])
-        if chunk.doc_offset != first or len(chunk.doclens) != end - first:
-            raise IndexFormatError(f"chunk {i}: has documents [{chunk.doc_offset}, "
-                                   f"{chunk.doc_offset + len(chunk.doclens)}) but the source chunk holds [{first}, "
-                                   f"{end}): documents must stay in place")
-        doclens = np.zeros(len(present), dtype=np.int64)  # removed documents keep their id with length 0
-        doclens[present] = np.asarray(chunk.doclens, dtype=np.int64)
-        codes, residuals = self.src.codec.encode(chunk.vectors)
-        codes32 = codes.to(torch.int32)
-        save_atomic(self.dst / f"{i}.codes.pt", lambda t: torch.save(codes32, t))
-        save_atomic(self.dst / f"{i}.residuals.pt", lambda t: torch.save(residuals, t))
-        atomic_write_text(self.dst / f"doclens.{i}.json", json.dumps([int(v) for v in doclens]))
+        doclens, codes = write_chunk_files(self.src, self.dst, chunk)
         n = int(doclens.sum())
-        atomic_write_text(self.dst / f"{i}.metadata.json", json.dumps(
-            {"passage_offset": int(meta["passage_offset"]), "num_passages": len(doclens), "num_embeddings": n,
-             "embedding_offset": self.emb_offset}, indent=4) + "\n")
-        self.ivf_keys.append(build_ivf_pairs(codes, doclens, int(meta["passage_offset"]), self.src.live))
+        write_chunk_meta(self.src, self.dst, i, len(doclens), n, self.emb_offset)
+        self.ivf_keys.append(build_ivf_pairs(codes, doclens, int(self.src.chunk_meta[i]["passage_offset"]),
+                                             self.src.live))
         self.emb_offset += n
         self.next_chunk += 1
 
@@ -291,17 +349,9 @@ class PlaidWriter(ChunkWriter):
         partitions = int(self.src.codec.centroids.shape[0])
         pids, lengths = ivf_from_pairs(self.ivf_keys, partitions)
         ivf = pids.to(torch.int32)
-        # colbert-ai pads the IVF so a batched lookup of max_stride entries from the last list stays in bounds.
-        max_stride = int(lengths.max()) if lengths.numel() else 0
-        last_start = int(lengths[:-1].sum()) if lengths.numel() else 0
-        if last_start + max_stride > ivf.numel():
-            ivf = torch.cat([ivf, torch.zeros(max_stride, dtype=torch.int32)])
-        ivf_lengths = lengths.to(torch.int64)
-        save_atomic(self.dst / "ivf.pid.pt", lambda t: torch.save((ivf, ivf_lengths), t))
-        meta = dict(self.src.meta)
-        n_docs = int(self.src.present_offsets[-1])
-        meta["num_embeddings"] = self.emb_offset
-        meta["avg_doclen"] = self.emb_offset / n_docs if n_docs else 0.0
-        atomic_write_text(self.dst / "metadata.json", json.dumps(meta, indent=4) + "\n")
+        pad = ivf_padding(lengths)
+        if pad:
+            ivf = torch.cat([ivf, torch.zeros(pad, dtype=torch.int32)])
+        write_globals(self.src, self.dst, ivf, lengths, self.emb_offset)
         self.ivf_keys = []
         self.closed = True

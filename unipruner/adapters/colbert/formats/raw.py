@@ -132,6 +132,7 @@ class RawIndex(IndexFormat):
         self.ids = ids
         self.chunk_vectors = int(chunk_vectors)
         self._bounds = self._chunk_bounds()
+        self._vec_bounds = np.concatenate([[0], np.cumsum(self.doclens)])[self._bounds]  # first vector per chunk
 
     # -- reading ---------------------------------------------------------------------------------
     @classmethod
@@ -226,14 +227,18 @@ class RawIndex(IndexFormat):
         return list(self.ids)
 
     def chunks(self) -> Iterator[Chunk]:
-        offsets = np.concatenate([[0], np.cumsum(self.doclens)])
         for c in range(len(self._bounds) - 1):
-            d0, d1 = int(self._bounds[c]), int(self._bounds[c + 1])
-            vecs = self._vectors.rows(int(offsets[d0]), int(offsets[d1]))
-            if not bool(torch.isfinite(vecs).all()):
-                raise IndexFormatError(f"{self.path}: chunk {c} (documents {d0}..{d1 - 1}) contains NaN or inf")
-            yield Chunk(c, d0, self.doclens[d0:d1].copy(), vecs)
-            del vecs  # hold no decoded chunk while the next one is read
+            yield self.chunk(c)  # hold no decoded chunk while the next one is read
+
+    def chunk(self, i: int) -> Chunk:
+        """Chunk ``i`` (documents ``bounds[i]:bounds[i + 1]``), read from the vectors file."""
+        if not 0 <= i < len(self._bounds) - 1:
+            raise IndexFormatError(f"{self.path}: no chunk {i} (the index has {len(self._bounds) - 1})")
+        d0, d1 = int(self._bounds[i]), int(self._bounds[i + 1])
+        vecs = self._vectors.rows(int(self._vec_bounds[i]), int(self._vec_bounds[i + 1]))
+        if not bool(torch.isfinite(vecs).all()):
+            raise IndexFormatError(f"{self.path}: chunk {i} (documents {d0}..{d1 - 1}) contains NaN or inf")
+        return Chunk(i, d0, self.doclens[d0:d1].copy(), vecs)
 
     def writer(self, dst: Path) -> ChunkWriter:
         return RawWriter(Path(dst), dim=int(self.manifest["dim"]), dtype=self.manifest["dtype"], ids=self.ids,
