@@ -674,7 +674,7 @@ class ToMeSD(MergingMethod):
                 f"(one destination per window); the budget asks to remove {n - target}"
             )
         metric = _metric(tokens, signals)
-        merge, _ = self.match(metric, n - target, hw=(h, w))
+        merge, _ = self.match(metric, n - target, hw=(h, w), generator=signals.get("generator"))
         plan = MergePlan.from_fn(merge)
         if plan.rep is not None:
             return plan, plan.rep

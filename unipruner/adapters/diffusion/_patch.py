@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ...errors import UniprunerError
 from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
-from ...methods import Method
+from ...methods import Method, ToMeSD
 from ...select import Budget
 from ._hosts import DiffusionHost, Site, find_host, level_of, site_grid, token_grid
 from ._settings import DiffusionSettings, make_settings
@@ -325,6 +325,13 @@ class DiffusionHandle(PatchHandle):
         return hook
 
     def _make_merge(self, m: Method, sc: _SiteCall, site: Site, x: Tensor, g: torch.Generator) -> None:
+        if isinstance(m, ToMeSD) and (sc.grid[0] % m.sy or sc.grid[1] % m.sx):
+            raise UniprunerError(
+                f"block {site.name} has a {sc.grid[0]}x{sc.grid[1]} token grid, which {m.sx}x{m.sy} tomesd windows do "
+                f"not tile (factor x{sc.factor} of the latent); use a latent whose side divides by "
+                f"{max(m.sx, m.sy) * sc.factor * self.host.patch_size}, lower max_downsample, or pass sx= / sy= "
+                "that divide it"
+            )
         m = dataclasses.replace(m, budget=Budget(ratio=sc.ratio))
         metric = x
         if site.rotary:  # one map for the batch (Flux's rotary frequencies carry no batch dimension)
