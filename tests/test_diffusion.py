@@ -424,3 +424,68 @@ def test_registry_lists_the_adapter_methods():
     names = {i.name for i in unipruner.methods(domain="diffusion")}
     assert {"tomesd", "tome", "todo"} <= names
     assert set(unipruner.diffusion.DIFFUSION_METHODS) == names
+
+
+@pytest.mark.parametrize("name", ["sd15", "pixart", "dit"])
+@pytest.mark.parametrize("method", ["atedm", "random"])
+def test_block_pruning(models, name, method):
+    m = models[name]
+    kw = diffusion_inputs(name, m, batch=2, latent=16)
+    ref = _run(m, kw)
+    with unipruner.diffusion.patch(m, method, ratio=0.5) as h:
+        out = _run(m, kw)
+        st = h.stats()
+        assert st.reduced and all(s.queries == s.keys < s.tokens for s in st.sites)
+        assert torch.isfinite(out).all() and not torch.equal(out, ref)
+        dst, _ = st.merge_map()
+        assert int((dst >= 0).sum()) == st.sites[0].queries
+    with unipruner.diffusion.patch(m, method, ratio=1.0):
+        assert torch.equal(_run(m, kw), ref)
+    assert torch.equal(_run(m, kw), ref)
+
+
+def test_atedm_equals_reference(models):
+    """AT-EDM through the adapter == G-WPR on the block's self-attention map, the block on the kept
+    tokens, similarity copy of the pruned ones (built here from the core pieces, by hand)."""
+    from unipruner.methods import ATEDM
+
+    m = models["dit"]
+    kw = diffusion_inputs("dit", m, batch=2, latent=16)
+    kw["timestep"] = torch.tensor([100, 100])  # late step: no DSAP
+    with unipruner.diffusion.patch(m, "atedm", ratio=0.5, blocks=[0]):
+        ours = _run(m, kw)
+    block = m.transformer_blocks[0]
+    meth = ATEDM(budget=0.5)
+    store: dict = {}
+
+    def pre(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        xn = torch.nn.functional.layer_norm(x, (x.shape[-1],))
+        a = mod.attn1
+        q = a.to_q(xn).view(2, 64, a.heads, -1).transpose(1, 2)
+        k = a.to_k(xn).view(2, 64, a.heads, -1).transpose(1, 2)
+        attn = torch.softmax(q @ k.transpose(-1, -2) * a.scale, dim=-1)
+        keep = meth.select(x, attn=attn, progress=0.9)
+        store.update(x=x, keep=keep)
+        kept = torch.stack([x[b, keep[b]] for b in range(2)])
+        if args:
+            return (kept, *args[1:]), kwargs
+        kw2 = dict(kwargs)
+        kw2["hidden_states"] = kept
+        return args, kw2
+
+    def post(mod, args, kwargs, out):
+        return meth.recover(out, store["keep"], store["x"])
+
+    hs = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
+    try:
+        ref = _run(m, kw)
+    finally:
+        for hk in hs:
+            hk.remove()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_block_pruning_refused_on_joint_hosts(models):
+    with pytest.raises(UniprunerError, match="BasicTransformerBlock"):
+        unipruner.diffusion.patch(models["flux"], "atedm", ratio=0.5)

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import reduce as _reduce
+from ..._ops import batched_gather
 from ...errors import UniprunerError
 from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
 from ...methods import Method, ToMeSD
@@ -104,6 +106,22 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, pos: int) -> 
     if name in kwargs:
         return kwargs[name]
     return args[pos] if len(args) > pos else None
+
+
+def _self_attention_map(attn: nn.Module, x: Tensor) -> Tensor:
+    """``[B, H, N, N]`` self-attention probabilities of ``attn`` (a diffusers ``Attention``) over the
+    image tokens ``x``, from its own query / key projections of the layer-normed block input.
+
+    The block's own norm (ada-norm modulation on PixArt / DiT) is not replayed: the scores use a
+    plain layer norm of the block input, which keeps the hook free of the block's forward."""
+    xn = F.layer_norm(x, (x.shape[-1],))
+    q, k = attn.to_q(xn), attn.to_k(xn)  # type: ignore[operator]
+    heads = int(getattr(attn, "heads", 1))
+    b, n, _ = q.shape
+    q = q.view(b, n, heads, -1).transpose(1, 2)
+    k = k.view(b, k.shape[1], heads, -1).transpose(1, 2)
+    scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
+    return torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1)
 
 
 def _timestep(value: Any) -> float | None:
@@ -316,7 +334,7 @@ class DiffusionHandle(PatchHandle):
                 elif s.kind == "kv":
                     sc.kv_grid = grid  # the attention's pre-hook downsamples its own (normed) input
                 else:
-                    out = self._make_prune(s.method, sc, site, x, args, kwargs, g)
+                    out = self._make_prune(s.method, sc, site, x, args, kwargs, call.progress, g.initial_seed())
                 if call.map is None and factor == 1 and (sc.plan is not None or sc.keep is not None):
                     call.map = self._map(sc)
             call.sites[site.index] = sc
@@ -347,8 +365,19 @@ class DiffusionHandle(PatchHandle):
         sc.queries = sc.keys = plan.n_out
 
     def _make_prune(self, m: Method, sc: _SiteCall, site: Site, x: Tensor, args: tuple[Any, ...],
-                    kwargs: dict[str, Any], g: torch.Generator) -> Any:
-        raise UniprunerError(f"{m.name!r}: block pruning is not available yet")
+                    kwargs: dict[str, Any], progress: float, seed: int) -> Any:
+        m = dataclasses.replace(m, budget=Budget(ratio=sc.ratio))
+        if any(f.name == "seed" for f in dataclasses.fields(m)):  # a seeded scorer: one draw per block and step
+            m = dataclasses.replace(m, seed=seed)
+        signals: dict[str, Any] = {"hw": sc.grid}
+        if "attn" in m.requires:
+            signals["attn"] = _self_attention_map(site.attn, x)
+        if hasattr(m, "ratio_at"):
+            signals["progress"] = progress
+        keep = m.select(x, **signals)
+        sc.keep, sc.inputs = keep, x
+        sc.queries = sc.keys = int(keep.shape[1])
+        return _with_hidden(args, kwargs, batched_gather(x, keep))
 
     @staticmethod
     def _map(sc: _SiteCall) -> tuple[Tensor, tuple[int, int]]:
@@ -437,7 +466,16 @@ class DiffusionHandle(PatchHandle):
     # -- block pruning ------------------------------------------------------------------------------------
     def _prune_out(self, site: Site) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            return None
+            sc = self._site_call(site)
+            if sc is None or sc.keep is None:
+                return None
+            assert sc.inputs is not None
+            call: _Call = self.call_state()
+            m = call.settings.method
+            if hasattr(m, "recover"):  # the method's own recovery (AT-EDM: similarity copy)
+                return m.recover(output, sc.keep, sc.inputs, inputs=sc.inputs)
+            # any other scorer: each pruned token keeps its input plus its most similar kept token's update
+            return _reduce.copy_recover(output, sc.keep, sc.inputs, base=sc.inputs)
 
         return hook
 
