@@ -14,6 +14,7 @@ from .errors import UniprunerError
 __all__ = [
     "check_attention",
     "check_finite",
+    "check_grid",
     "check_mask",
     "check_tokens",
     "protected_mask",
@@ -117,3 +118,16 @@ def protected_mask(protected: int | Tensor | None, batch: int, n: int,
             f"protected mask must have shape [N] or [B, N] = {(batch, n)}, got {tuple(protected.shape)}"
         )
     return p.bool()
+
+
+def check_grid(hw: object, n: int | None = None, name: str = "hw") -> tuple[int, int]:
+    """Check a token grid ``(h, w)`` of positive ints (covering ``n`` row-major tokens when given)."""
+    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in hw)):
+        raise UniprunerError(f"{name} must be a pair of positive ints (h, w), got {hw!r}")
+    h, w = int(hw[0]), int(hw[1])
+    if n is not None and h * w != n:
+        raise UniprunerError(
+            f"{name}={(h, w)} describes {h * w} tokens but there are {n}; the tokens must be the row-major h x w grid"
+        )
+    return h, w

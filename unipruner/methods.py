@@ -28,6 +28,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -1399,7 +1400,8 @@ class ToDo(Method):
     The grid: with ``factor=f``, ``(ceil(h / f), ceil(w / f))`` and the budget is not used;
     otherwise the budget (``ratio`` = fraction of the key / value tokens kept, or ``keep``) gives a
     target count ``t`` and the grid is the one with ``h2 * w2`` closest to ``t`` (each side between
-    1 and the grid's), ties to the aspect ratio closest to ``h / w``, then to the smaller ``h2``.
+    1 and the grid's), ties to the aspect ratio closest to ``h / w`` (by the factor between them,
+    compared exactly), then to the smaller ``h2``.
     :meth:`kv_tokens` is what an attention processor calls; :meth:`select` returns the positions a
     nearest-neighbour resampling reads (the cell centres, ``"nearest-exact"``, for the other
     modes) and :meth:`reduce` returns the downsampled grid itself (sizes 1: ToDo attends to it
@@ -1461,7 +1463,7 @@ class ToDo(Method):
             return -(-h // self.factor), -(-w // self.factor)
         t = max(1, self.budget.count(h * w))
         best = min(
-            (abs(h2 * w2 - t), abs(math.log(h2 * w / (w2 * h))), h2, w2)
+            (abs(h2 * w2 - t), Fraction(max(h2 * w, w2 * h), min(h2 * w, w2 * h)), h2, w2)
             for h2 in range(1, h + 1)
             for w2 in {min(max(t // h2, 1), w), min(max(-(-t // h2), 1), w)}
         )

@@ -13,6 +13,8 @@
   Pooling", 2024); :func:`recycle` folds pruned tokens into a few aggregate tokens (SparseVLM).
 * :func:`contextual_merge` (VisionZip's contextual tokens), :func:`knn_merge` (LLaVA-PruMerge's
   attention-weighted k-nearest-neighbour update) and :func:`uniform_picks` (evenly spaced picks).
+* :func:`downsample_grid` / :func:`grid_indices` (ToDo's key/value grid downsampling) and
+  :func:`copy_recover` (AT-EDM's similarity-copy recovery of pruned tokens) for diffusion.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 from ._merge import MergeFn, MergePlan, UnmergeFn
 from ._ops import batched_gather, cosine_matrix
 from ._pooling import kmeans_labels, pool, pool_plan, recycle, sequential_labels, ward_cosine_labels, ward_labels
-from ._validate import check_mask
+from ._validate import check_grid, check_mask, check_tokens
 from .errors import UniprunerError
 
 __all__ = [
@@ -31,7 +33,10 @@ __all__ = [
     "MergePlan",
     "UnmergeFn",
     "contextual_merge",
+    "copy_recover",
+    "downsample_grid",
     "drop",
+    "grid_indices",
     "kmeans_labels",
     "knn_merge",
     "merge_pruned",
@@ -391,3 +396,162 @@ def knn_merge(x: Tensor, keep: Tensor, weights: Tensor, *, k: int = 32, metric: 
         size = torch.ones_like(x[..., :1])
     sizes = plan.merge(size.reshape(b, n, 1).to(x.dtype), mode="sum")
     return tokens * out_ok.unsqueeze(-1).to(tokens.dtype), plan.out_mask, indices, sizes, plan
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusion: key/value grid downsampling (ToDo) and similarity-copy recovery (AT-EDM)
+# ----------------------------------------------------------------------------------------------
+
+GRID_MODES = ("nearest", "nearest-exact", "area", "bilinear", "bicubic")
+
+
+def grid_indices(hw: tuple[int, int], size: tuple[int, int], mode: str = "nearest",
+                 device: torch.device | str | None = None) -> Tensor:
+    """Row-major positions ``[h2 * w2]`` that nearest-neighbour resampling of an ``h x w`` grid reads.
+
+    ``tokens[:, grid_indices(hw, size, mode)]`` equals ``downsample_grid(tokens, hw, size, mode)``
+    for ``mode`` ``"nearest"`` (torch's floor rule, ToDo's default) and ``"nearest-exact"`` (the
+    cell-centre rule); it is computed by resampling the index grid itself with
+    :func:`torch.nn.functional.interpolate`, so the two agree exactly. The result is strictly
+    increasing whenever ``size`` is no larger than ``hw`` on both sides.
+
+    Examples
+    --------
+    >>> grid_indices((4, 4), (2, 2)).tolist()
+    [0, 2, 8, 10]
+    >>> grid_indices((4, 4), (2, 2), "nearest-exact").tolist()
+    [5, 7, 13, 15]
+    """
+    if mode not in ("nearest", "nearest-exact"):
+        raise UniprunerError(f"grid_indices needs mode 'nearest' or 'nearest-exact', got {mode!r}")
+    h, w = check_grid(hw)
+    h2, w2 = check_grid(size, name="size")
+    pos = torch.arange(h * w, dtype=torch.float64, device=device).reshape(1, 1, h, w)
+    return torch.nn.functional.interpolate(pos, size=(h2, w2), mode=mode).reshape(-1).round().long()
+
+
+def downsample_grid(tokens: Tensor, hw: tuple[int, int], size: tuple[int, int], mode: str = "nearest") -> Tensor:
+    """Resample a row-major token grid ``[B, h*w, C]`` to ``[B, h2*w2, C]`` (ToDo's K/V downsampling).
+
+    Smith, Saxena & Saha, "ToDo: Token Downsampling for Efficient Generation of High-Resolution
+    Images", 2024: self-attention reads its keys and values from a spatially downsampled copy of
+    the token grid while every query stays. The grid is viewed as an image ``[B, C, h, w]`` and
+    resized with :func:`torch.nn.functional.interpolate` (``align_corners=False``): ``"nearest"``
+    (torch's floor rule, the released code's default), ``"nearest-exact"``, ``"area"`` (average
+    pooling over each cell), ``"bilinear"`` or ``"bicubic"``. Every mode is a per-token linear map
+    whose weights sum to 1, so downsampling the hidden states before the key / value projections
+    equals downsampling the projected keys / values (the bias included). The input is never modified;
+    ``size == hw`` returns a copy of the tokens.
+
+    Parameters
+    ----------
+    tokens : Tensor ``[B, h*w, C]``
+        Row-major grid of tokens (floating point).
+    hw : (int, int)
+        The grid ``(h, w)``; ``h * w`` must equal the token count.
+    size : (int, int)
+        The output grid ``(h2, w2)``, ``1 <= h2 <= h`` and ``1 <= w2 <= w``.
+    mode : str
+        One of :data:`GRID_MODES`.
+
+    Returns
+    -------
+    Tensor ``[B, h2*w2, C]``
+        The resampled grid, row-major, in the tokens' dtype.
+
+    Examples
+    --------
+    >>> x = torch.arange(16.).reshape(1, 16, 1)
+    >>> downsample_grid(x, (4, 4), (2, 2)).flatten().tolist()
+    [0.0, 2.0, 8.0, 10.0]
+    >>> downsample_grid(x, (4, 4), (2, 2), "area").flatten().tolist()
+    [2.5, 4.5, 10.5, 12.5]
+    """
+    tokens = check_tokens(tokens)
+    h, w = check_grid(hw, tokens.shape[1])
+    if mode not in GRID_MODES:
+        raise UniprunerError(f"mode must be one of {GRID_MODES}, got {mode!r}")
+    h2, w2 = check_grid(size, name="size")
+    if not (h2 <= h and w2 <= w):
+        raise UniprunerError(f"size={(h2, w2)} must lie between (1, 1) and the grid {(h, w)} on both sides")
+    b, _, c = tokens.shape
+    if (h2, w2) == (h, w):
+        return tokens.clone()
+    img = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    out = torch.nn.functional.interpolate(img, size=(h2, w2), mode=mode, **kwargs)
+    return out.permute(0, 2, 3, 1).reshape(b, h2 * w2, c)
+
+
+def copy_recover(kept: Tensor, keep: Tensor, features: Tensor, *, base: Tensor | None = None) -> Tensor:
+    """Spread ``[B, K, C]`` kept-token outputs back to all ``N`` tokens by similarity copy (AT-EDM).
+
+    Wang et al., "Attention-Driven Training-Free Efficiency Enhancement of Diffusion Models"
+    (AT-EDM), CVPR 2024: after an attention block ran on the kept tokens only, the pruned tokens
+    are restored before the next convolution, each from the kept token it is most similar to.
+    Similarity is the cosine of ``features`` (e.g. the block's input hidden states or its keys);
+    among equally similar kept tokens the first (lowest slot) wins. Kept positions get their own
+    output back.
+
+    Two variants:
+
+    * plain copy (``base=None``, the paper's): ``out[j] = kept[m(j)]`` for a pruned token ``j``
+      whose most similar kept token is ``m(j)``;
+    * residual copy (``base=`` the block input ``[B, N, C]``): the pruned token keeps its own
+      input and receives the most similar kept token's *update*,
+      ``out[j] = base[j] + (kept[m(j)] - base[keep[m(j)]])``; kept positions still get
+      ``kept`` exactly. With a block that adds a residual this keeps each pruned token's own
+      content and copies only what the block would have added.
+
+    Parameters
+    ----------
+    kept : Tensor ``[B, K, C]``
+        Outputs of the kept tokens, in the order of ``keep``.
+    keep : Tensor ``[B, K]`` long
+        Original positions of the kept tokens (as from ``select``; ``-1`` padding allowed and
+        ignored).
+    features : Tensor ``[B, N, D]``
+        What similarity is measured on, for all ``N`` tokens.
+    base : Tensor ``[B, N, C]``, optional
+        The block inputs of all tokens: switches to the residual variant.
+
+    Returns
+    -------
+    Tensor ``[B, N, C]``
+        Dense outputs; nothing is modified in place.
+
+    Examples
+    --------
+    >>> f = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
+    >>> y = torch.tensor([[[10.0], [20.0]]])
+    >>> copy_recover(y, torch.tensor([[0, 2]]), f).flatten().tolist()
+    [10.0, 10.0, 20.0, 20.0]
+    >>> copy_recover(y, torch.tensor([[0, 2]]), f, base=torch.ones(1, 4, 1)).flatten().tolist()
+    [10.0, 10.0, 20.0, 20.0]
+    """
+    features = check_tokens(features, "features")
+    kept = check_tokens(kept, "kept", min_tokens=0)
+    b, n = features.shape[:2]
+    _check_indices(features, keep)
+    if tuple(kept.shape[:2]) != tuple(keep.shape):
+        raise UniprunerError(f"kept {tuple(kept.shape)} must be [B, K, C] with [B, K] = keep's {tuple(keep.shape)}")
+    pad = keep < 0
+    if keep.shape[1] == 0 or bool(pad.all(dim=1).any()):
+        raise UniprunerError("copy_recover needs at least one kept token per row to copy from")
+    safe = keep.clamp(min=0)
+    sim = cosine_matrix(features, batched_gather(features, safe)).masked_fill(pad.unsqueeze(1), -torch.inf)
+    src = sim.argmax(dim=-1)  # [B, N]: most similar kept slot of every token
+    if base is None:
+        delta = kept
+    else:
+        if not isinstance(base, Tensor) or tuple(base.shape) != (b, n, kept.shape[2]):
+            shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
+            raise UniprunerError(f"base must be the block inputs [B, N, C] = {(b, n, kept.shape[2])}, got {shape}")
+        delta = kept - batched_gather(base, safe).to(kept.dtype)
+    out = batched_gather(delta, src)
+    if base is not None:
+        out = base.to(kept.dtype) + out
+    # kept positions get their own output exactly (padding entries write into a spare row)
+    out = torch.cat([out, out.new_zeros(b, 1, out.shape[2])], dim=1)
+    dst = torch.where(pad, n, keep).unsqueeze(-1).expand(-1, -1, out.shape[2])
+    return out.scatter(1, dst, kept)[:, :n]
