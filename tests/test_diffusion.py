@@ -489,3 +489,43 @@ def test_atedm_equals_reference(models):
 def test_block_pruning_refused_on_joint_hosts(models):
     with pytest.raises(UniprunerError, match="BasicTransformerBlock"):
         unipruner.diffusion.patch(models["flux"], "atedm", ratio=0.5)
+
+
+def test_cat_reuse_across_steps():
+    """CAT-style reuse through a pipeline: the first step computes everything, later steps recompute
+    only part of the tokens; a second run starts afresh (same result), keep-all is exact."""
+    from unipruner.models import build_sd_pipeline
+
+    pipe = build_sd_pipeline("tiny", seed=0)
+
+    def gen():
+        return pipe("a blue circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").images
+
+    ref = gen()
+    with unipruner.diffusion.patch(pipe, "cat", ratio=1.0):
+        assert torch.equal(gen(), ref)
+    steps = []
+    with unipruner.diffusion.patch(pipe, "cat", ratio=0.5) as h:
+        a = gen()
+        steps.append(h.stats())
+        b = gen()
+    assert torch.equal(a, b)  # each run starts with an empty cache
+    last = steps[0]
+    assert last.reduced and all(s.queries == s.tokens // 2 for s in last.sites)
+    assert torch.isfinite(a).all() and not torch.equal(a, ref)
+    rel = float((a - ref).norm() / ref.norm())
+    assert rel < 0.5
+
+
+def test_cat_first_call_of_a_run_is_full(models):
+    m = models["sd15"]
+    kw = diffusion_inputs("sd15", m, batch=2, latent=16)
+    ref = _run(m, kw)
+    with unipruner.diffusion.patch(m, "cat", ratio=0.5) as h:
+        assert torch.equal(_run(m, kw), ref)  # no cache yet: every token computed
+        assert not h.stats().reduced
+        kw2 = dict(kw, timestep=torch.tensor(400))
+        _run(m, kw2)
+        assert h.stats().reduced
+        assert torch.equal(_run(m, kw), ref)  # timestep went up: a new run

@@ -21,7 +21,13 @@
   image-only ``attn2``) receives its keys / values from the downsampled token grid through its own
   ``encoder_hidden_states`` argument, queries full (Smith et al. 2024);
 * ``prune`` methods (token scorers: ``atedm``, ``random``): the block runs on the kept tokens only
-  and every pruned token is recovered after it from its most similar kept token.
+  and every pruned token is recovered after it from its most similar kept token;
+* ``reuse`` methods (``cat``): across the steps of one denoising run, each block recomputes only
+  the tokens whose input changed most since the previous step (plus the stalest), and the others
+  add the update the block gave them last time to their new input. The run's caches live in a
+  context variable (one per thread / task), and a call whose timestep does not decrease starts a
+  new run. Deviation from CAT (Cheng et al. 2025): the change is measured on each block's input,
+  not on the model's noise prediction, and recomputed tokens attend only to each other.
 
 Nothing is stored on the model; :func:`unpatch` removes the hooks and the model is exactly the
 original again.
@@ -29,6 +35,7 @@ original again.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +78,30 @@ class _SiteCall:
 
 
 @dataclass
+class _Cache:
+    """One block's memory of the previous denoising step (CAT-style reuse)."""
+
+    inputs: Tensor  # [B, N, C] block input at the last step
+    update: Tensor  # [B, N, C] block output - input at the last step
+    staleness: Tensor  # [B, N] steps since each token was recomputed
+
+
+@dataclass
+class _Run:
+    """State across the denoiser calls of one denoising run (reuse methods only), per context."""
+
+    last_t: float | None = None
+    shape: tuple[int, ...] = ()
+    blocks: dict[int, _Cache] = field(default_factory=dict)
+
+
+#: per-context map ``id(handle) -> _Run``: the run spans calls, so it outlives each call's state,
+#: but like it belongs to one thread / task (two concurrent runs never mix their caches)
+_RUNS: contextvars.ContextVar[dict[int, _Run] | None] = contextvars.ContextVar("unipruner_diffusion_runs",
+                                                                             default=None)
+
+
+@dataclass
 class _Call:
     """Per-call state (one denoiser forward)."""
 
@@ -84,6 +115,7 @@ class _Call:
     sites: dict[int, _SiteCall] = field(default_factory=dict)
     map: tuple[Tensor, tuple[int, int]] | None = None
     token: Any = None
+    run: _Run | None = None
 
 
 def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any], name: str = "hidden_states") -> Tensor:
@@ -197,7 +229,7 @@ class DiffusionHandle(PatchHandle):
                     "use 'tomesd' or 'tome' here"
                 )
             chosen = usable
-        if s.kind == "prune":
+        if s.kind in ("prune", "reuse"):
             usable = [site for site in chosen if site.role == "basic"]
             if not usable:
                 raise UniprunerError(
@@ -234,6 +266,8 @@ class DiffusionHandle(PatchHandle):
                 kv_mod = site.attn if site.role == "basic" else site.extra_self
                 assert kv_mod is not None
                 self.add_hook(kv_mod, "forward_pre", self._kv_in(site), with_kwargs=True)
+            elif s.kind == "reuse":
+                self.add_hook(site.block, "forward", self._reuse_out(site), with_kwargs=True)
             else:
                 self.add_hook(site.block, "forward", self._prune_out(site), with_kwargs=True)
 
@@ -296,8 +330,29 @@ class DiffusionHandle(PatchHandle):
         ratio = self._ratio_at(s, step, progress)
         tkey = 0 if t is None else round(t * 1000)
         call = _Call(s, grid, ratio, step, progress, _mix(s.seed, tkey), int(x.shape[0]))
+        if s.kind == "reuse":
+            call.run = self._run_for(t, (*x.shape, *grid))
         call.token = self.begin_call(call)
         return None
+
+    def _run_for(self, t: float | None, shape: tuple[int, ...]) -> _Run:
+        """This context's denoising run, or a new one when this call starts another run (the
+        timestep did not decrease, or the latent changed shape)."""
+        runs = dict(_RUNS.get() or {})
+        run = runs.get(id(self))
+        if run is None or run.shape != shape or t is None or run.last_t is None or t >= run.last_t:
+            run = _Run(shape=shape)
+        run.last_t = t
+        runs[id(self)] = run
+        _RUNS.set(runs)
+        return run
+
+    def _on_unpatch(self) -> None:
+        runs = _RUNS.get()
+        if runs and id(self) in runs:
+            rest = dict(runs)
+            del rest[id(self)]
+            _RUNS.set(rest)
 
     def _on_return(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         call: _Call | None = self.call_state()
@@ -333,6 +388,8 @@ class DiffusionHandle(PatchHandle):
                     self._make_merge(s.method, sc, site, x, g)
                 elif s.kind == "kv":
                     sc.kv_grid = grid  # the attention's pre-hook downsamples its own (normed) input
+                elif s.kind == "reuse":
+                    out = self._make_reuse(s.method, sc, site, x, args, kwargs, call)
                 else:
                     out = self._make_prune(s.method, sc, site, x, args, kwargs, call.progress, g.initial_seed())
                 if call.map is None and factor == 1 and (sc.plan is not None or sc.keep is not None):
@@ -368,7 +425,7 @@ class DiffusionHandle(PatchHandle):
                     kwargs: dict[str, Any], progress: float, seed: int) -> Any:
         m = dataclasses.replace(m, budget=Budget(ratio=sc.ratio))
         if any(f.name == "seed" for f in dataclasses.fields(m)):  # a seeded scorer: one draw per block and step
-            m = dataclasses.replace(m, seed=seed)
+            m = dataclasses.replace(m, seed=seed)  # type: ignore[call-arg]
         signals: dict[str, Any] = {"hw": sc.grid}
         if "attn" in m.requires:
             signals["attn"] = _self_attention_map(site.attn, x)
@@ -378,6 +435,41 @@ class DiffusionHandle(PatchHandle):
         sc.keep, sc.inputs = keep, x
         sc.queries = sc.keys = int(keep.shape[1])
         return _with_hidden(args, kwargs, batched_gather(x, keep))
+
+    def _make_reuse(self, m: Method, sc: _SiteCall, site: Site, x: Tensor, args: tuple[Any, ...],
+                    kwargs: dict[str, Any], call: _Call) -> Any:
+        assert call.run is not None
+        sc.inputs = x
+        cache = call.run.blocks.get(site.index)
+        if cache is None:  # first step of a run: compute every token, remember them
+            return None
+        m = dataclasses.replace(m, budget=Budget(ratio=sc.ratio))
+        keep = m.select(x, previous=cache.inputs, staleness=cache.staleness, hw=sc.grid)
+        sc.keep = keep
+        sc.queries = sc.keys = int(keep.shape[1])
+        return _with_hidden(args, kwargs, batched_gather(x, keep))
+
+    def _reuse_out(self, site: Site) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            sc = self._site_call(site)
+            call: _Call | None = self.call_state()
+            if sc is None or call is None or call.run is None or sc.inputs is None:
+                return None
+            x = sc.inputs
+            cache = call.run.blocks.get(site.index)
+            if sc.keep is None or cache is None:
+                full = output
+                stale = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+            else:
+                # the tokens not recomputed reuse their cached update on top of their new input
+                full = x + cache.update
+                idx = sc.keep.unsqueeze(-1).expand(-1, -1, full.shape[-1])
+                full = full.scatter(1, idx, output)
+                stale = (cache.staleness + 1).scatter(1, sc.keep, 0)
+            call.run.blocks[site.index] = _Cache(x.detach(), (full - x).detach(), stale)
+            return None if sc.keep is None else full
+
+        return hook
 
     @staticmethod
     def _map(sc: _SiteCall) -> tuple[Tensor, tuple[int, int]]:
@@ -526,12 +618,13 @@ class DiffusionHandle(PatchHandle):
             if site.index in names:
                 what = {"merge": "merge -> " + "+".join(
                     w for w, on in (("attn", s.merge_attn), ("crossattn", s.merge_crossattn), ("mlp", s.merge_mlp))
-                    if on) + " -> unmerge", "kv": "K/V downsampled", "prune": "pruned + recovered"}[s.kind]
+                    if on) + " -> unmerge", "kv": "K/V downsampled", "prune": "pruned + recovered",
+                    "reuse": "changed tokens recomputed, cached updates reused"}[s.kind]
                 lines.append(f"  [{site.index}] {site.name} (x{f}, {site.role}): {what}")
             else:
                 why = "downsample factor above max_downsample" if s.blocks is None or site.index in s.blocks \
                     else "not in blocks"
-                if s.kind in ("kv", "prune") and site.role != "basic" and site.extra_self is None:
+                if s.kind in ("kv", "prune", "reuse") and site.role != "basic" and site.extra_self is None:
                     why = "joint text+image attention"
                 lines.append(f"  [{site.index}] {site.name} (x{f}, {site.role}): left alone ({why})")
         return "\n".join(lines)

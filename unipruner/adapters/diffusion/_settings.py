@@ -27,8 +27,9 @@ DIFFUSION_METHODS: tuple[str, ...] = tuple(sorted(n for n, c in REGISTRY.items()
 
 #: how a method acts on a block: merge -> op -> unmerge around the attention (``merge``), keys /
 #: values from a downsampled grid (``kv``), or the block runs on the kept tokens and the pruned
-#: ones are recovered after it (``prune``)
-KINDS = ("merge", "kv", "prune")
+#: ones are recovered after it (``prune``), or the block recomputes the tokens that changed most since
+#: the last denoising step and reuses its cached update for the rest (``reuse``, CAT)
+KINDS = ("merge", "kv", "prune", "reuse")
 
 Ratio = float
 ScheduleSpec = Sequence[float] | Callable[[float], float]
@@ -40,6 +41,8 @@ def kind_of(m: Method) -> str:
         return "merge"
     if hasattr(m, "kv_tokens"):
         return "kv"
+    if "previous" in m.requires:
+        return "reuse"
     if isinstance(m, ScoringMethod):
         return "prune"
     raise UniprunerError(f"unipruner.diffusion cannot apply {m.name!r}: it is neither a merge, a K/V reduction "
