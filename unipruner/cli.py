@@ -13,6 +13,7 @@ from rich.table import Table
 
 from . import __version__
 from .adapters.colbert.cli import colbert_app
+from .adapters.rag.cli import rag_app
 from .errors import MissingDependencyError, UniprunerError
 from .methods import DOMAINS, FAMILIES, methods
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(colbert_app, name="colbert")
+app.add_typer(rag_app, name="rag")
 
 
 def _version(value: bool) -> None:

@@ -117,8 +117,20 @@ def compress_cmd(
     protected: Annotated[int, typer.Option(help="Leading vectors of each document kept unchanged.")] = 0,
     scope: Annotated[str, typer.Option(help="document, or global (one budget over the index, by score).")
                      ] = "document",
-    workers: Annotated[int, typer.Option(help="Processes reducing chunks in parallel.")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        help="Chunks reduced at once: local processes (default 1) or Ray tasks (default: the cluster's CPUs / "
+             "--cpus-per-worker).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing DST.")] = False,
+    engine: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install "
+                                             "'unipruner[ray]'); both write the same bytes. Voyager: local only.")
+                      ] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 (default: "
+                                                     "a local Ray instance).")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="Ray: CPUs of each chunk task (its torch threads).")
+                               ] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="Ray: GPUs of each chunk task.")] = 0.0,
+    resume: Annotated[bool, typer.Option(help="Continue the run a killed driver left next to DST (same SRC and "
+                                              "method): finished chunks are kept.")] = False,
     corpus: Annotated[Path | None, typer.Option(help="corpus.jsonl (BEIR) for idf / stopwords.")] = None,
     model: Annotated[str, typer.Option(help="Encoder whose tokenizer built the index (idf / stopwords).")
                      ] = "minilm",
@@ -171,11 +183,13 @@ def compress_cmd(
                 bar.update(task, completed=done, rate=f"{rate:,.0f} docs/s, vectors {n_in:,} -> {n_out:,}")
 
             res = compress(src, dst, spec, workers=workers, force=force, texts=texts, tokenizer=tokenizer,
-                           max_length=max_length, progress=tick)
+                           max_length=max_length, progress=tick, engine=engine, address=address,
+                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, resume=resume)
     except (UniprunerError, MissingDependencyError) as err:
         raise _fail(console, err) from err
     t = Table(title=f"{res.src.format}: {src} -> {dst} ({spec.name}, {res.seconds:.1f} s, "
-                    f"{res.docs_per_s:,.0f} docs/s)")
+                    f"{res.docs_per_s:,.0f} docs/s; engine {res.engine}, {res.workers} workers, "
+                    f"{res.retries} retries, {res.resumed_chunks} chunks resumed)")
     for col in ("", "before", "after", "kept"):
         t.add_column(col, justify="right")
     t.add_row("documents", f"{res.src.n_docs:,}", f"{res.dst.n_docs:,}", "")

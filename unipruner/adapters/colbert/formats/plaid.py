@@ -58,8 +58,8 @@ from .base import (
     register,
 )
 
-__all__ = ["PlaidFormat", "PlaidWriter", "copy_unchanged", "ivf_padding", "write_chunk_files", "write_chunk_meta",
-           "write_globals"]
+__all__ = ["PlaidFormat", "PlaidWriter", "copy_unchanged", "ivf_padding", "save_tensor_atomic", "write_chunk_files",
+           "write_chunk_meta", "write_globals"]
 
 PYLATE_ID_MAPS = ("documents_ids_to_plaid_ids.pkl", "plaid_ids_to_documents_ids.pkl")
 _REGENERATED = {"metadata.json", "ivf.pid.pt", "ivf.pt"}
@@ -240,6 +240,15 @@ class PlaidFormat(IndexFormat):
         return PlaidWriter(self, Path(dst))
 
 
+def save_tensor_atomic(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically, through a file handle: the archive's inner folder is then always
+    ``archive`` (saving to a path names it after the temporary file), so equal tensors give equal bytes."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+    save_atomic(path, write)
+
+
 def copy_unchanged(src: PlaidFormat, dst: Path) -> None:
     """Copy every file a rewrite does not regenerate (codec, plan, PyLate's id maps, RAGatouille's
     pid_docid_map.json / collection, ...) from ``src`` to ``dst`` byte for byte: they stay valid because documents
@@ -275,8 +284,8 @@ def write_chunk_files(src: PlaidFormat, dst: Path, chunk: Chunk) -> tuple[np.nda
     doclens[present] = np.asarray(chunk.doclens, dtype=np.int64)
     codes, residuals = src.codec.encode(chunk.vectors)
     codes32 = codes.to(torch.int32)
-    save_atomic(dst / f"{i}.codes.pt", lambda t: torch.save(codes32, t))
-    save_atomic(dst / f"{i}.residuals.pt", lambda t: torch.save(residuals, t))
+    save_tensor_atomic(dst / f"{i}.codes.pt", codes32)
+    save_tensor_atomic(dst / f"{i}.residuals.pt", residuals)
     atomic_write_text(dst / f"doclens.{i}.json", json.dumps([int(v) for v in doclens]))
     return doclens, codes
 
@@ -302,7 +311,7 @@ def write_globals(src: PlaidFormat, dst: Path, ivf: torch.Tensor, lengths: torch
     """Write ``ivf.pid.pt`` (``ivf``: int32 document ids per centroid, padded; ``lengths`` ``[P]``) and the
     updated ``metadata.json`` (``num_embeddings``, ``avg_doclen``) of a rewritten PLAID index."""
     ivf_lengths = lengths.to(torch.int64)
-    save_atomic(dst / "ivf.pid.pt", lambda t: torch.save((ivf, ivf_lengths), t))
+    save_tensor_atomic(dst / "ivf.pid.pt", (ivf, ivf_lengths))
     meta = dict(src.meta)
     n_docs = int(src.present_offsets[-1])
     meta["num_embeddings"] = n_vectors
