@@ -529,3 +529,23 @@ def test_cat_first_call_of_a_run_is_full(models):
         _run(m, kw2)
         assert h.stats().reduced
         assert torch.equal(_run(m, kw), ref)  # timestep went up: a new run
+
+
+def test_sd35_dual_attention_blocks():
+    """SD3.5's image-only attn2 is merged with the joint attention; keep-all stays exact; todo is refused."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32,
+                              dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+    kw = diffusion_inputs("sd3", m, batch=2, latent=16)
+    ref = _run(m, kw)
+    with unipruner.diffusion.patch(m, "tomesd", ratio=0.5) as h:
+        out = _run(m, kw)
+        assert h.stats().reduced and not torch.equal(out, ref)
+    with unipruner.diffusion.patch(m, "tomesd", ratio=1.0):
+        assert torch.equal(_run(m, kw), ref)
+    with pytest.raises(UniprunerError, match="jointly"):
+        unipruner.diffusion.patch(m, "todo", ratio=0.25)

@@ -17,9 +17,10 @@
   single blocks (the rotary frequencies of ``[text, image]`` are gathered at each merged token's
   representative position; diffusers' Flux attention takes one set of frequencies for the whole
   batch, so Flux blocks use one merge map per batch, matched on the row-averaged features);
-* ``kv`` methods (``todo``): the self-attention of ``BasicTransformerBlock`` (and SD3.5's
-  image-only ``attn2``) receives its keys / values from the downsampled token grid through its own
-  ``encoder_hidden_states`` argument, queries full (Smith et al. 2024);
+* ``kv`` methods (``todo``): the self-attention of ``BasicTransformerBlock`` (UNet, PixArt, DiT)
+  receives its keys / values from the downsampled token grid through its own
+  ``encoder_hidden_states`` argument, queries full (Smith et al. 2024); SD3 and Flux attend jointly
+  over text and image and are refused;
 * ``prune`` methods (token scorers: ``atedm``, ``random``): the block runs on the kept tokens only
   and every pruned token is recovered after it from its most similar kept token;
 * ``reuse`` methods (``cat``): across the steps of one denoising run, each block recomputes only
@@ -221,7 +222,10 @@ class DiffusionHandle(PatchHandle):
                 "on SDXL; unipruner refuses)"
             )
         if s.kind == "kv":
-            usable = [site for site in chosen if site.role == "basic" or site.extra_self is not None]
+            # keys / values enter through the attention's own encoder_hidden_states argument, which only
+            # the plain processors of BasicTransformerBlock read that way (SD3.5's image-only attn2 runs the
+            # joint processor, which would treat them as text)
+            usable = [site for site in chosen if site.role == "basic"]
             if not usable:
                 raise UniprunerError(
                     f"{s.method.name!r} downsamples the keys / values of an image-only self-attention; this "
@@ -253,7 +257,7 @@ class DiffusionHandle(PatchHandle):
                 wrapped: list[tuple[nn.Module, str]] = []
                 if s.merge_attn:
                     wrapped.append((site.attn, "attn"))
-                    if site.extra_self is not None:
+                    if site.extra_self is not None:  # SD3.5's image-only attn2
                         wrapped.append((site.extra_self, "self"))
                 if s.merge_crossattn and site.cross is not None:
                     wrapped.append((site.cross, "self"))
@@ -263,9 +267,7 @@ class DiffusionHandle(PatchHandle):
                     self.add_hook(mod, "forward_pre", self._merge_in(site, how), with_kwargs=True)
                     self.add_hook(mod, "forward", self._merge_out(site, how), with_kwargs=True)
             elif s.kind == "kv":
-                kv_mod = site.attn if site.role == "basic" else site.extra_self
-                assert kv_mod is not None
-                self.add_hook(kv_mod, "forward_pre", self._kv_in(site), with_kwargs=True)
+                self.add_hook(site.attn, "forward_pre", self._kv_in(site), with_kwargs=True)
             elif s.kind == "reuse":
                 self.add_hook(site.block, "forward", self._reuse_out(site), with_kwargs=True)
             else:
@@ -624,7 +626,7 @@ class DiffusionHandle(PatchHandle):
             else:
                 why = "downsample factor above max_downsample" if s.blocks is None or site.index in s.blocks \
                     else "not in blocks"
-                if s.kind in ("kv", "prune", "reuse") and site.role != "basic" and site.extra_self is None:
+                if s.kind in ("kv", "prune", "reuse") and site.role != "basic":
                     why = "joint text+image attention"
                 lines.append(f"  [{site.index}] {site.name} (x{f}, {site.role}): left alone ({why})")
         return "\n".join(lines)
