@@ -173,6 +173,8 @@ class RayEngine(Engine):
                         continue
                     on_result(k, out)
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            if pending:  # stop the rest, and wait until they stopped: none may write after the driver cleaned up
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                ray.wait(list(pending), num_returns=len(pending), timeout=60)
         return EngineStats(self.name, workers, len(items), retries, time.perf_counter() - t0)

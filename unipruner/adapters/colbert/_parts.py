@@ -232,7 +232,7 @@ def _assemble_fast_plaid(src: Any, index_dir: Path, parts: Path, summaries: list
         fast_plaid.write_chunk_meta(src, index_dir, i, s["docs"], s["vectors_out"], off[i])
 
     def pairs(i: int) -> torch.Tensor:
-        codes = torch.from_numpy(load_npy(root / f"{i}.codes.npy", f"centroid codes of chunk {i}", mmap=True))
+        codes = torch.from_numpy(load_npy(root / f"{i}.codes.npy", f"centroid codes of chunk {i}"))
         return build_ivf_pairs(codes, np.asarray(summaries[i]["doclens"], dtype=np.int64), src.offsets[i][0], None)
 
     fd, tmp = tempfile.mkstemp(prefix=".ivf.npy.", suffix=".tmp", dir=root)
