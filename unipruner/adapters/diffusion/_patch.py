@@ -421,7 +421,8 @@ class DiffusionHandle(PatchHandle):
             plan = MergePlan(plan.dst.expand(b, -1).contiguous(), plan.n_out, rep=rep.expand(b, -1).contiguous())
             rep = plan.rep
         sc.plan, sc.rep = plan, rep
-        sc.queries = sc.keys = plan.n_out
+        if self.settings.merge_attn:  # stats count the self-attention's tokens
+            sc.queries = sc.keys = plan.n_out
 
     def _make_prune(self, m: Method, sc: _SiteCall, site: Site, x: Tensor, args: tuple[Any, ...],
                     kwargs: dict[str, Any], progress: float, seed: int) -> Any:
