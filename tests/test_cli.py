@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -95,10 +97,19 @@ def test_demo_vlm_section_answers_with_fewer_visual_tokens() -> None:
     assert "vlm_kept_patches.png" in result.output
 
 
+def test_demo_diffusion_section_runs_every_method_on_the_offline_pipeline() -> None:
+    result = runner.invoke(app, ["demo", "--section", "diffusion"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("unpatched", "tomesd", "todo"):
+        assert re.search(rf"\b{name}\s.*\d\.\d{{3}}", result.output), result.output
+    assert "keeping 25%" in result.output and "diffusion_merged_tokens.png" in result.output
+    assert (Path(tempfile.gettempdir()) / "unipruner-demo" / "diffusion_merged_tokens.png").stat().st_size > 1000
+
+
 def test_demo_every_adapter_has_a_section_and_unknown_sections_are_refused() -> None:
     from unipruner.demo import SECTIONS
 
-    assert [name for name, _ in SECTIONS] == ["core", "kv", "vit", "rag", "colbert", "vlm"]
+    assert [name for name, _ in SECTIONS] == ["core", "kv", "vit", "rag", "colbert", "vlm", "diffusion"]
     bad = runner.invoke(app, ["demo", "--section", "vits"])
     assert bad.exit_code == 2 and "unknown demo section" in bad.output and "'vit'" in bad.output
 

@@ -193,6 +193,13 @@ def _vlm_section(console: Any, ratio: float) -> None:
     demo_section(console, ratio)
 
 
+def _diffusion_section(console: Any, ratio: float) -> None:
+    """The diffusion section: a tiny offline SD pipeline with every diffusion method keeping ``ratio`` (issue #12)."""
+    from .adapters.diffusion._demo import demo_section
+
+    demo_section(console, ratio)
+
+
 SECTIONS: list[tuple[str, Callable[[Any, float], None]]] = [
     ("core", _core_section),
     ("kv", _kv_section),
@@ -200,6 +207,7 @@ SECTIONS: list[tuple[str, Callable[[Any, float], None]]] = [
     ("rag", _rag_section),
     ("colbert", _colbert_section),
     ("vlm", _vlm_section),
+    ("diffusion", _diffusion_section),
 ]
 
 
