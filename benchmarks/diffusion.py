@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, Report
 
 import unipruner
+from unipruner.adapters.diffusion._demo import latent_psnr as psnr
 from unipruner.models import diffusion_inputs, diffusion_model
 
 OUT = RESULTS / "diffusion"
@@ -62,14 +63,6 @@ TOMESD_RATIOS = (0.3, 0.5, 0.7)  # tomesd's "fraction merged"; ours is the fract
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR of ``x`` against ``ref`` with the reference's peak-to-peak range as the peak (inf when equal)."""
-    x, ref = x.double(), ref.double()
-    mse = float((x - ref).pow(2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def cosine(x: torch.Tensor, ref: torch.Tensor) -> float:
