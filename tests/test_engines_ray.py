@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _ray_cluster import add_node, ray_cluster  # noqa: F401  (the fixture)
 from typer.testing import CliRunner
 
-from _ray_cluster import add_node, ray_cluster  # noqa: F401  (the fixture)
 from unipruner.adapters.colbert._compress import _compress_sequential, compress, open_index
 from unipruner.adapters.colbert._methods import ReduceSpec
 from unipruner.adapters.colbert.formats import raw

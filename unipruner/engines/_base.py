@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .._threads import limit_threads
 from ..errors import UniprunerError
 
-__all__ = ["ENGINES", "Engine", "EngineStats", "LocalEngine", "call_item", "make_engine"]
+__all__ = ["ENGINES", "Engine", "EngineStats", "LocalEngine", "call_item", "commit_dir"]
 
 #: engine names of the ``--engine`` option
 ENGINES = ("local", "ray")
@@ -45,6 +49,18 @@ class EngineStats:
     items: int
     retries: int
     seconds: float
+
+
+def commit_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished directory ``tmp`` at ``dst`` with renames (same file system): an existing ``dst`` is moved
+    aside first and deleted after, so ``dst`` is always either the old or the new complete output."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / "out")
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
 
 
 def call_item(fn: Fn, context: Any, item: Any, threads: int | None) -> Any:
@@ -151,35 +167,3 @@ class LocalEngine(Engine):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return EngineStats(self.name, self._workers, len(items), 0, time.perf_counter() - t0)
-
-
-def make_engine(name: str = "local", *, workers: int | None = None, address: str | None = None,
-                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> Engine:
-    """The engine of the command-line options ``--engine --workers --address --cpus-per-worker --gpus-per-worker``.
-
-    Parameters
-    ----------
-    name : {"local", "ray"}
-    workers : int, optional
-        Items at once (local default 1; Ray default: the cluster's CPUs / ``cpus_per_worker``, one CPU left free).
-    address : str, optional
-        Ray only: ``"auto"`` (a running cluster), ``"HOST:PORT"`` or ``"ray://HOST:10001"``; None starts a local
-        Ray instance (or uses the one this process already joined).
-    cpus_per_worker, gpus_per_worker : float
-        Ray only: resources each task asks for.
-
-    Raises
-    ------
-    UniprunerError
-        An unknown engine, or Ray options given to the local engine.
-    """
-    if name == "local":
-        if address is not None or cpus_per_worker != 1.0 or gpus_per_worker != 0.0:
-            raise UniprunerError("--address, --cpus-per-worker and --gpus-per-worker are options of --engine ray")
-        return LocalEngine(1 if workers is None else workers)
-    if name == "ray":
-        from ._ray import RayEngine
-
-        return RayEngine(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                         gpus_per_worker=gpus_per_worker)
-    raise UniprunerError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -7,14 +7,15 @@ et al. 2021 applied to an index that already exists, instead of re-encoding the 
    ``idf`` / ``stopwords`` and check it lines up with the index;
 2. ``scope="global"``: a first pass scores every vector (:func:`~._methods.chunk_scores`) and turns one budget for the
    whole index into per-document counts (:func:`~._methods.global_counts`);
-3. create ``DST.tmp-XXXX`` next to DST, open the format's writer on it, reduce the chunks (in ``workers`` processes,
-   results written in chunk order) and close the writer;
-4. rename the temporary directory to DST (an existing DST is replaced only with ``force=True``); on any error the
-   temporary directory is removed and DST is left as it was. SRC is only read.
-
-The per-chunk task is :func:`~._methods.reduce_chunk` ``(chunk, spec, counts=..., tokens=...)``: a pure function of
-picklable inputs, so a distributed engine can map it over the chunks and feed the results, in order, to
-``fmt.writer(tmp).write``.
+3. raw, PLAID and fast-plaid (:mod:`._parts`): create the staging directory ``.DST.tmp-XXXX`` next to DST and map
+   the per-chunk task :func:`~._parts.stage_chunk` over the chunks on an engine (:mod:`unipruner.engines`: this
+   process, local worker processes, or Ray tasks; the same function, the same bytes); each task reads its chunk,
+   reduces it, encodes it and writes its files; the driver then checks every chunk, computes the offsets, rebuilds
+   the IVF (counting sort into a memory map) and writes the metadata last. ``resume=True`` continues a staging
+   directory a killed driver left. Voyager (one HNSW file): the format's writer, fed in chunk order, optionally from
+   ``workers`` processes;
+4. rename the finished index to DST (an existing DST is replaced only with ``force=True``); on any error the
+   staging directory is removed and DST is left as it was. SRC is only read.
 
 Memory bound: the source format's chunk (raw: <= 2^18 vectors, float32) times ``2 * workers + 1`` chunks in flight
 (decoded input + reduced output), plus per-batch workspace (one ``[B, N, N]`` float32 matrix <= 64 MiB per process)
@@ -24,7 +25,6 @@ and, for a global budget, 8 bytes per vector of the whole index for the scores.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import tempfile
 import time
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..._threads import limit_threads
-from ...engines import Engine, LocalEngine, make_engine
+from ...engines import Engine, LocalEngine, commit_dir, make_engine
 from ...errors import UniprunerError
 from ...methods import Method
 from ._methods import ReduceSpec, TokenTable, as_spec, chunk_scores, global_counts, global_total, reduce_chunk
@@ -279,7 +279,7 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, wor
         todo = [(i, counts[i]) for i in range(info.n_chunks) if i not in done]
         stats = eng.map(stage_chunk, job, todo, on_result)
         assemble(index, stage, check_summaries(done, info))
-        _commit(stage / "index", dst)
+        commit_dir(stage / "index", dst)
     except Exception:
         raise  # an error: the staging directory goes
     except BaseException:  # interrupted (Ctrl-C): the finished chunks stay for --resume
@@ -296,17 +296,6 @@ def compress(src: Path | str, dst: Path | str, spec: ReduceSpec | Method, *, wor
     return CompressResult(info, open_index(dst).info(), spec, time.perf_counter() - t0, engine=eng.name,
                           workers=stats.workers, retries=stats.retries, resumed_chunks=info.n_chunks - len(todo),
                           worker_peak_rss=tuple(sorted(peaks.values())))
-
-
-def _commit(tmp: Path, dst: Path) -> None:
-    """Rename the finished ``tmp`` to ``dst``; an existing ``dst`` (force) is moved aside first, then deleted."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / "index")
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
 
 
 def _compress_sequential(index: IndexFormat, info: IndexInfo, dst: Path, spec: ReduceSpec,
@@ -356,7 +345,7 @@ def _compress_sequential(index: IndexFormat, info: IndexInfo, dst: Path, spec: R
         writer.close()
         if docs != info.n_docs:
             raise UniprunerError(f"the source yielded {docs} documents but reports {info.n_docs}")
-        _commit(tmp, dst)
+        commit_dir(tmp, dst)
         tmp = None
     finally:
         if pool is not None:

@@ -40,7 +40,7 @@ from .formats import Chunk, IndexFormat, IndexInfo, detect_format
 from .formats._atomic import atomic_write_text, save_npy_atomic
 from .formats._codec import build_ivf_pairs, ivf_to_file
 
-__all__ = ["STAGED_FORMATS", "ChunkJob", "assemble", "open_stage", "prepare", "score_chunk", "stage_chunk"]
+__all__ = ["STAGED_FORMATS", "ChunkJob", "assemble", "open_stage", "peak_rss", "prepare", "score_chunk", "stage_chunk"]
 
 #: formats whose chunks are written independently (the others go through the sequential writer)
 STAGED_FORMATS = ("raw", "plaid", "fast-plaid")
@@ -92,6 +92,19 @@ def _source(job: ChunkJob) -> IndexFormat:
     return _OPENED[key]
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes: ``VmHWM`` (Linux; reset by exec, unlike ``ru_maxrss``, which a child
+    inherits from its parent), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _dirs(job: ChunkJob) -> tuple[Path, Path]:
     return Path(job.stage) / "index", Path(job.stage) / "parts"
 
@@ -118,7 +131,7 @@ def stage_chunk(job: ChunkJob, item: tuple[int, np.ndarray | None]) -> dict[str,
     _STAGE[job.format](src, out, index_dir, parts)
     summary = {"chunk": i, "doc_offset": int(out.doc_offset), "docs": len(out.doclens), "vectors_in": n_in,
                "vectors_out": int(out.vectors.shape[0]), "doclens": [int(v) for v in out.doclens],
-               "pid": os.getpid(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+               "pid": os.getpid(), "peak_rss": peak_rss()}
     atomic_write_text(parts / f"{i}.json", json.dumps(summary))
     return summary
 

@@ -4,7 +4,8 @@
 contexts with :class:`~._pruner.ContextPruner` (query-aware context pruning as in Provence, Chirkova et al., ICLR
 2025, and LongLLMLingua, Jiang et al., ACL 2024), and writes the pruned contexts plus per-row statistics. The unit of
 work is a *batch*: rows ``[k * batch_size, (k + 1) * batch_size)`` of SRC in file order; batch ``k`` becomes
-``DST/part-{k:05d}.parquet``. The per-batch function :func:`prune_table` is the same on both engines:
+``DST/part-{k:05d}.parquet`` (``_manifest.json`` last). The per-batch function :func:`prune_table` is the same on
+both engines:
 
 * ``engine="local"``: batches read with pyarrow and pruned in this process;
 * ``engine="ray"``: ``ray.data.read_parquet`` -> ``map_batches`` over an actor pool (:class:`_PrunerActor`, one
@@ -13,7 +14,7 @@ work is a *batch*: rows ``[k * batch_size, (k + 1) * batch_size)`` of SRC in fil
   into an error.
 
 The driver writes the parts (the pruned rows, re-cut to the batch boundaries, in a fixed schema), so both engines
-write the same bytes. Commit: everything goes to ``.DST.tmp-XXXX`` next to DST, ``manifest.json`` last, then one
+write the same bytes. Commit: everything goes to ``.DST.tmp-XXXX`` next to DST, ``_manifest.json`` last, then one
 rename. Resume: parts are written atomically and hold their rows' ids; ``resume=True`` keeps every batch whose part
 exists with the expected ids and prunes only the other rows.
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...engines import commit_dir
 from ...errors import MissingDependencyError, UniprunerError
 from ...select import Budget
 
@@ -213,7 +215,8 @@ def prune_parquet(src: Path | str, dst: Path | str, job: PruneJob | None = None,
     src : Path or str
         A Parquet file or a directory of them (read in sorted path order).
     dst : Path or str
-        Directory to create: ``part-{k:05d}.parquet`` per batch and ``manifest.json``.
+        Directory to create: ``part-{k:05d}.parquet`` per batch and ``_manifest.json`` (``pyarrow.parquet.read_table
+        (dst)`` reads it as one table).
     job : PruneJob
         Method, budget and column names (default: multihop at ratio 0.25, columns id / query / contexts).
     engine : {"local", "ray"}
@@ -250,6 +253,14 @@ def prune_parquet(src: Path | str, dst: Path | str, job: PruneJob | None = None,
     if not dst.parent.is_dir():
         raise UniprunerError(f"the parent directory of DST ({dst.parent}) does not exist; create it first")
     columns = [job.id_col, job.query_col, job.contexts_col]
+    for f in files:
+        head = pa.parquet.read_schema(f)
+        for c in columns:
+            if c not in head.names:
+                raise UniprunerError(f"column {c!r} is missing from {f} (columns: {', '.join(head.names)}); name "
+                                     "the columns with --id-column / --query-column / --contexts-column")
+    head = pa.parquet.read_schema(files[0])
+    schema = _out_schema(job, head.field(job.id_col).type, _structured(head.field(job.contexts_col).type))
     ids = pa.concat_arrays([pa.parquet.read_table(f, columns=[job.id_col]).column(0).combine_chunks()
                             for f in files]).to_pylist() if files else []
     if len(set(ids)) != len(ids) or any(i is None for i in ids):
@@ -261,12 +272,6 @@ def prune_parquet(src: Path | str, dst: Path | str, job: PruneJob | None = None,
     totals = dict.fromkeys(_STATS, 0)
     rows_done = 0
 
-    head = pa.parquet.read_schema(files[0])
-    for c in columns:
-        if c not in head.names:
-            raise UniprunerError(f"column {c!r} is missing from {files[0]} (columns: {', '.join(head.names)}); name "
-                                 "the columns with --id-column / --query-column / --contexts-column")
-    schema = _out_schema(job, head.field(job.id_col).type, _structured(head.field(job.contexts_col).type))
 
     def write(k: int, table: Any) -> None:
         table = table.cast(schema)  # one schema for both engines (Ray Data may widen string types)
@@ -310,16 +315,10 @@ def prune_parquet(src: Path | str, dst: Path | str, job: PruneJob | None = None,
         manifest = {"format": "unipruner-rag-pruned", "version": 1, "rows": len(ids), "batches": n_batches,
                     "batch_size": batch_size, "job": repr(job), **totals}
         (stage / "job.json").unlink()
-        tmp_manifest = stage / ".manifest.json.tmp"
+        tmp_manifest = stage / ".manifest.json.tmp"  # "_" and "." names: pyarrow reads DST as one dataset
         tmp_manifest.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.replace(tmp_manifest, stage / "manifest.json")
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "out")
-            os.replace(stage, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, dst)
+        os.replace(tmp_manifest, stage / "_manifest.json")
+        commit_dir(stage, dst)
     except Exception:
         raise  # an error: the staging directory goes
     except BaseException:  # interrupted: the finished parts stay for resume
@@ -399,8 +398,8 @@ def _run_ray(files: list[Path], job: PruneJob, todo: list[int], done: set[int], 
         ctx.execution_no_progress_timeout_s = no_progress_s
         ctx.enable_progress_bars = False
         try:
-            ds = ray.data.read_parquet([str(f) for f in files], columns=[job.id_col, job.query_col,
-                                                                         job.contexts_col])
+            ds = ray.data.read_parquet([str(f) for f in files]).select_columns(
+                [job.id_col, job.query_col, job.contexts_col])
             if done:
                 skip = {i for k in done for i in ids[k * batch_size:(k + 1) * batch_size]}
                 ds = ds.filter(lambda row: row[job.id_col] not in skip)

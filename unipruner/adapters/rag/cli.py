@@ -25,7 +25,7 @@ def _group() -> None:
 @rag_app.command("prune")
 def prune_cmd(
     src: Annotated[Path, typer.Argument(help="Parquet file or directory of Parquet files (never modified).")],
-    dst: Annotated[Path, typer.Argument(help="Output directory (part-*.parquet + manifest.json, written "
+    dst: Annotated[Path, typer.Argument(help="Output directory (part-*.parquet + _manifest.json, written "
                                              "atomically).")],
     method: Annotated[str, typer.Option(help="A registry method of the rag domain (`unipruner methods --domain "
                                              "rag`): multihop, bm25, idf, hybrid, query_similarity, ...")
