@@ -1364,6 +1364,10 @@ class Multihop(TextMethod):
     k1: float = 1.5
     b: float = 0.75
     dense_weight: float = 0.0
+    rerank: str = "none"
+    rerank_top_k: int = 16
+    rerank_weight: float = 1.0
+    rerank_cache_dir: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ No model: a prune of 10 paragraphs takes a few milliseconds at one thread.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,6 +168,21 @@ class MultihopScorer:
         (:class:`~unipruner.adapters.rag.EmbeddingScorer`, one forward for units and documents) is
         added, standardised and times this weight, to the base document score and to the unit
         scores (a neural rescoring stage; hundreds of milliseconds per question on a CPU).
+    rerank : {"none", "auto", "onnx", "torch"}
+        ``"none"`` (default): no model. Else the ``rerank_top_k`` best units of the cheap stage are
+        rescored with all-MiniLM-L6-v2 (:class:`~unipruner.adapters.rag._rerank.MiniLMEncoder`:
+        ``"onnx"`` = int8 ONNX built once into a user cache directory, ``"torch"`` = the torch
+        model in bfloat16, ``"auto"`` = ONNX when onnxruntime is installed): each of them gets
+        ``rerank_weight * z(cos(unit, query))`` added (``z`` standardised over the shortlist), so
+        the shortlist is reordered and its weakest units may fall below the rest. Unit embeddings
+        are cached across calls (LRU keyed by the unit text's hash).
+    rerank_top_k : int
+        Units rescored (the shortlist).
+    rerank_weight : float
+        Weight of the reranker, in standard deviations of the shortlist's cosines.
+    rerank_cache_dir : str, optional
+        Where the ONNX file is cached (default ``$UNIPRUNER_CACHE_DIR``, else
+        ``$XDG_CACHE_HOME/unipruner``, else ``~/.cache/unipruner``).
 
     Examples
     --------
@@ -184,10 +201,40 @@ class MultihopScorer:
     k1: float = 1.5
     b: float = 0.75
     dense_weight: float = 0.0
+    rerank: str = "none"
+    rerank_top_k: int = 16
+    rerank_weight: float = 1.0
+    rerank_cache_dir: str | None = None
     name: str = "multihop"
     #: ContextPruner passes ``titles=`` (``metadata["title"]`` of each document, else ``None``)
     uses_titles: bool = True
     _dense: Any = field(default=None, repr=False, compare=False)
+    _encoder: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from ._rerank import BACKENDS
+
+        if self.rerank not in ("none", *BACKENDS):
+            raise UniprunerError(f"rerank must be one of {('none', *BACKENDS)}, got {self.rerank!r}")
+        k = self.rerank_top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UniprunerError(f"rerank_top_k must be an int >= 1, got {k!r}")
+        for name in ("hop_weight", "bridge_weight", "doc_weight", "lead_bonus", "dense_weight", "rerank_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise UniprunerError(f"{name} must be a finite number, got {v!r}")
+        if self.rerank_cache_dir is not None and not isinstance(self.rerank_cache_dir, (str, os.PathLike)):
+            raise UniprunerError(f"rerank_cache_dir must be a path or None, got {type(self.rerank_cache_dir).__name__}")
+
+    def encoder(self) -> Any:
+        """The reranker's :class:`~unipruner.adapters.rag._rerank.MiniLMEncoder` (built on first use)."""
+        if self._encoder is None:
+            from ._rerank import MiniLMEncoder
+
+            self._encoder = MiniLMEncoder(backend="auto" if self.rerank == "none" else self.rerank,
+                                          cache_dir=None if self.rerank_cache_dir is None
+                                          else os.fspath(self.rerank_cache_dir))
+        return self._encoder
 
     def _titles(self, texts: Sequence[str], titles: Sequence[str | None] | None) -> list[tuple[list[str], bool]]:
         """Each document's title words and whether they are a lead entity (no usable title given)."""
@@ -282,4 +329,16 @@ class MultihopScorer:
         heading = (sizes > 1) & (first_words > 0) & (first_words <= _HEADING_WORDS)
         lead[starts[heading] + 1] = 1.0
         flat = self.doc_weight * torch.repeat_interleave(doc, sizes) + unit + self.lead_bonus * lead
+        if self.rerank != "none":
+            flat = self._rerank(query, texts, spans, flat)
         return list(torch.split(flat, sizes.tolist()))
+
+    def _rerank(self, query: str, texts: Sequence[str], spans: Spans, flat: Tensor) -> Tensor:
+        """Add ``rerank_weight * z(cos)`` to the ``rerank_top_k`` best units (a new tensor)."""
+        k = min(self.rerank_top_k, flat.numel())
+        top = torch.argsort(-flat, stable=True)[:k]
+        units = [texts[d][s:e] for d in range(len(texts)) for s, e in spans[d]]
+        emb = self.encoder().embed([query.strip(), *(units[i].strip() or units[i] for i in top.tolist())])
+        out = flat.clone()
+        out[top] += self.rerank_weight * _standardise(emb[1:] @ emb[0])
+        return out
