@@ -143,6 +143,48 @@ def answer_nll(model: Any, tok: Any, context: str, question: str, answer: str) -
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(a_ids)))
 
 
+def _norm_answer(text: str) -> list[str]:
+    """SQuAD's answer normalisation (lower case, no punctuation, no articles), as words."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def em_f1(prediction: str, answers: list[str]) -> tuple[float, float]:
+    """Exact match and token F1 of a prediction against the gold answers (the best answer), as SQuAD / HotpotQA.
+
+    >>> em_f1("The Eiffel tower", ["Eiffel Tower"])
+    (1.0, 1.0)
+    """
+    from collections import Counter
+
+    pred = _norm_answer(prediction)
+    best_em, best_f1 = 0.0, 0.0
+    for a in answers:
+        gold = _norm_answer(a)
+        best_em = max(best_em, float(pred == gold))
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best_f1 = max(best_f1, 2 * p * r / (p + r))
+    return best_em, best_f1
+
+
+def generate_answer(model: Any, tok: Any, context: str, question: str, max_new_tokens: int = 16) -> str:
+    """SmolLM2-Instruct's greedy short answer from a context (chat template, one user turn)."""
+    msg = (f"{context}\n\nAnswer the question with a few words taken from the text above.\n"
+           f"Question: {question}")
+    ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return text.split("\n")[0].strip()
+
+
 def export_smollm2(model: Any, tok: Any, path: Path) -> Path:
     """A plain HF directory of SmolLM2 (for transformers 4.46 in .venv-llmlingua)."""
     import transformers
@@ -202,12 +244,76 @@ def latency(rounds: int = 5) -> None:
     rep.save("python benchmarks/rag.py --latency")
 
 
+def latency_cold_warm(n: int = 30, start: int = 100) -> None:
+    """Latency per HotpotQA question (10 paragraphs) at one thread, cold vs warm caches, default and reranked.
+
+    Each setting is warmed up once (model / ONNX session loaded), then for each of ``n`` questions
+    from ``start``: *cold* = the first prune of that question with the embedding LRU emptied (the
+    passages are new), *warm* = the same prune again (the passages repeat: every unit embedding
+    comes from the LRU). Tokens are counted as words (the default ``TokenCounter``). Also timed
+    once: building the ONNX int8 file into an empty cache directory (first use on a machine).
+    """
+    import shutil
+
+    from unipruner.adapters.rag import MultihopScorer
+    from unipruner.adapters.rag import _rerank as rr
+
+    torch.set_num_threads(1)
+    items = load("hotpotqa", n, start=start)
+    words = statistics.mean(sum(len(d["text"].split()) for d in it["docs"]) for it in items)
+    tmp = Path(tempfile.mkdtemp(prefix="rag_onnx_"))
+    t0 = time.perf_counter()
+    rr.ensure_onnx(tmp)
+    build_s = time.perf_counter() - t0
+    shutil.rmtree(tmp, ignore_errors=True)
+    settings: list[tuple[str, Any]] = [
+        ("multihop (default, no model)", "multihop"),
+        ("multihop + rerank, ONNX int8", unipruner.method("multihop", rerank="onnx")),
+        ("multihop + rerank, torch fp32", unipruner.method("multihop", rerank="torch")),
+        ("multihop + rerank, torch bf16", MultihopScorer(rerank="torch", _encoder=rr.MiniLMEncoder(
+            backend="torch", torch_dtype="bfloat16"))),
+        ("multihop, dense_weight=0.5 (all units, torch)", unipruner.method("multihop", dense_weight=0.5)),
+    ]
+    rep = Report("rag_latency_cold_warm", ["setting", "n", "cold ms median", "cold ms p90", "cold CPU ms median",
+                                           "warm ms median", "warm ms p90", "warm CPU ms median"])
+    for label, scorer in settings:
+        pruner = ContextPruner(scorer, Budget(ratio=0.25))
+        pruner.prune(items[0]["question"], items[0]["docs"])  # load + warm up
+        enc = getattr(pruner.scorer, "_encoder", None)
+        dense = getattr(pruner.scorer, "_dense", None)
+        cold, warm, cold_cpu, warm_cpu = [], [], [], []
+        for it in items:
+            if enc is not None:
+                enc.clear_cache()
+            if dense is not None:
+                dense._cache.clear()
+            for wall, cpu in ((cold, cold_cpu), (warm, warm_cpu)):  # first-seen passages, then the same again
+                t0, c0 = time.perf_counter(), time.process_time()
+                pruner.prune(it["question"], it["docs"])
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+        q = statistics.quantiles
+        rep.add(**{"setting": label, "n": len(items), "cold ms median": 1e3 * statistics.median(cold),
+                   "cold ms p90": 1e3 * q(cold, n=10)[-1], "cold CPU ms median": 1e3 * statistics.median(cold_cpu),
+                   "warm ms median": 1e3 * statistics.median(warm), "warm ms p90": 1e3 * q(warm, n=10)[-1],
+                   "warm CPU ms median": 1e3 * statistics.median(warm_cpu)})
+        print(json.dumps(rep.rows[-1]), flush=True)
+    rep.notes.append(f"HotpotQA questions {start}-{start + n - 1}: 10 paragraphs, {words:.0f} words on average; "
+                     f"1 torch / onnxruntime thread; building the ONNX int8 file once took {build_s:.1f} s; "
+                     f"load average at the end {os.getloadavg()[0]:.2f}")
+    rep.print()
+    rep.save(f"python benchmarks/rag.py --latency-cold-warm --n {n} --start {start}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100, help="HotpotQA and SQuAD questions for the fast scorers")
     ap.add_argument("--lm-n", type=int, default=12, help="HotpotQA questions for SmolLM2 scorers and NLL")
     ap.add_argument("--llmlingua-n", type=int, default=8, help="HotpotQA questions for LLMLingua (0 = skip)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--e2e-n", type=int, default=None,
+                    help="HotpotQA questions for the end-to-end SmolLM2 table (answer EM / F1 / NLL from the full "
+                         "vs the 4x-pruned context; default --lm-n, or 0 with --skip-lm)")
     ap.add_argument("--llmlingua-json", default=None,
                     help="reuse the output of an earlier llmlingua run on the same first --llmlingua-n questions")
     ap.add_argument("--scorers", default=None,
@@ -221,7 +327,12 @@ def main() -> None:
                     help="skip the single-hop check (SQuAD question among its 9 BM25-nearest paragraphs)")
     ap.add_argument("--latency", action="store_true",
                     help="only the warm-latency table (demo question, min of 5 runs per scorer setting)")
+    ap.add_argument("--latency-cold-warm", action="store_true",
+                    help="only the cold / warm latency table per HotpotQA question at one thread (--n, --start)")
     args = ap.parse_args()
+    if args.latency_cold_warm:
+        latency_cold_warm(args.n, args.start)
+        return
     if args.latency:
         latency()
         return
@@ -265,6 +376,8 @@ def main() -> None:
         "multihop": {"scorer": "multihop"},
         "multihop+minilm1.0": {"scorer": unipruner.method("multihop", dense_weight=1.0)},
         "multihop+minilm0.5": {"scorer": unipruner.method("multihop", dense_weight=0.5)},
+        "multihop+rerank": {"scorer": unipruner.method("multihop", rerank="onnx")},
+        "multihop+rerank_torch": {"scorer": unipruner.method("multihop", rerank="torch")},
         "bm25": {"scorer": "bm25"},
         "bm25+prf": {"scorer": "bm25", "feedback": 1},
         "embedding": {"scorer": "query_similarity"},
@@ -287,8 +400,8 @@ def main() -> None:
     surv_rows = Report(f"rag_survival{dev}", ["dataset", "scorer", "n", "compression", "achieved", "survival",
                                               "survival_no_yesno", "gold_recall", "ms_per_query",
                                               "cpu_ms_per_query"])
-    nll_rows = Report("rag_nll", ["scorer", "n", "compression", "achieved", "survival", "answer_nll",
-                                  "nll_full"])
+    nll_rows = Report(f"rag_e2e{dev}", ["scorer", "n", "compression", "achieved", "survival", "exact_match", "f1",
+                                        "answer_nll"])
     plots: dict[str, tuple[list[float], list[float]]] = {}
     kept_texts: dict[str, list[str]] = {}
     score_seconds: dict[str, float] = {}
@@ -341,18 +454,24 @@ def main() -> None:
         if ds_name == "hotpotqa":
             hot_answerable = answerable
 
-    # NLL of the answer under SmolLM2, pruned (4x) vs full, on the LM subset
-    sub = hot_answerable[: args.lm_n] if not args.skip_lm else []
-    full_nll = [answer_nll(model, tok, "\n\n".join(d["text"] for d in it["docs"]), it["question"], it["answers"][0])
-                for it in sub]
-    for label in ["oracle", *scorers] if sub else []:
-        texts = kept_texts[label][: len(sub)]
+    # end to end under SmolLM2-135M-Instruct, pruned (4x) vs full, on the first e2e-n answerable questions:
+    # greedy short answer (exact match / F1) and the gold answer's NLL
+    e2e_n = args.e2e_n if args.e2e_n is not None else (0 if args.skip_lm else args.lm_n)
+    sub = hot_answerable[:e2e_n] if e2e_n else []
+    rows: list[tuple[str, list[str]]] = [("full context", ["\n\n".join(d["text"] for d in it["docs"]) for it in sub])]
+    rows += [(label, kept_texts[label][: len(sub)]) for label in ["oracle", *scorers]
+             if sub and len(kept_texts.get(label, [])) >= len(sub)]
+    for label, texts in rows if sub else []:
         nll = [answer_nll(model, tok, t, it["question"], it["answers"][0]) for t, it in zip(texts, sub, strict=True)]
+        scores = [em_f1(generate_answer(model, tok, t, it["question"]), it["answers"])
+                  for t, it in zip(texts, sub, strict=True)]
         ach = statistics.mean(counter.count("\n\n".join(d["text"] for d in it["docs"])) / max(1, counter.count(t))
                               for t, it in zip(texts, sub, strict=True))
-        nll_rows.add(scorer=label, n=len(sub), compression="4x", achieved=ach,
+        nll_rows.add(scorer=label, n=len(sub), compression="1x" if label == "full context" else "4x", achieved=ach,
                      survival=statistics.mean(survived(t, it["answers"]) for t, it in zip(texts, sub, strict=True)),
-                     answer_nll=statistics.mean(nll), nll_full=statistics.mean(full_nll))
+                     exact_match=statistics.mean(e for e, _ in scores), f1=statistics.mean(f for _, f in scores),
+                     answer_nll=statistics.mean(nll))
+        print(json.dumps(nll_rows.rows[-1]), flush=True)
     print("nll done", flush=True)
 
     # LLMLingua side by side on its subset

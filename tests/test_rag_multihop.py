@@ -226,3 +226,24 @@ def test_scorer_options_reach_the_scorer_from_every_plugin() -> None:
         make_pruner({"scorer_options": {"doc_wieght": 1.0}})
     with pytest.raises(UniprunerError, match="must be a mapping"):
         make_pruner({"scorer_options": [1, 2]})
+
+
+def test_a_question_naming_two_documents_keeps_both_leads() -> None:
+    """Comparison questions ("X or Y?"): the lead sentence of each named document before the rest of either."""
+    texts = [
+        "Edward Albee. Edward Albee was an American playwright. The playwright Edward Albee was born earlier "
+        "than his rival playwright, people said. Playwright Edward Albee: was he born earlier or later?",
+        "J. M. Barrie. Sir James Matthew Barrie was a Scottish novelist born in 1860. He wrote Peter Pan.",
+        "Theatre. A playwright writes plays for the theatre.",
+    ]
+    titles = ["Edward Albee", "J. M. Barrie", "Theatre"]
+    q = "Which playwright was born earlier, Edward Albee or J. M. Barrie?"
+    spans = [unit_spans(t, "sentence") for t in texts]
+    barrie_lead = len(spans[0]) + 1  # after its "J. M. Barrie." heading
+    for bonus, first in ((5.0, True), (0.0, False)):
+        sc = torch.cat(make_scorer(unipruner.method("multihop", named_lead_bonus=bonus)).score(
+            q, texts, spans, titles=titles))
+        albee_rest = sc[2:len(spans[0])]  # Albee's sentences after its lead
+        assert bool((sc[barrie_lead] > albee_rest).all()) is first
+    with pytest.raises(UniprunerError, match="named_lead_bonus"):
+        make_scorer(unipruner.method("multihop", named_lead_bonus=float("inf")))

@@ -1364,6 +1364,7 @@ class Multihop(TextMethod):
     k1: float = 1.5
     b: float = 0.75
     dense_weight: float = 0.0
+    named_lead_bonus: float = 5.0
     rerank: str = "none"
     rerank_top_k: int = 16
     rerank_weight: float = 1.0

@@ -51,6 +51,8 @@ _CONNECT = frozenset({"of", "the", "de", "la", "le", "du", "von", "van", "der", 
 _LEAD_WORD = re.compile(r"[^\s]+")
 #: a first unit of at most this many words is a heading, not the lead sentence
 _HEADING_WORDS = 6
+#: a hop-1 match at least this strong names the document in the question (``named_lead_bonus``)
+_NAMED = 0.9
 
 
 def normalise_title(title: str) -> list[str]:
@@ -161,6 +163,11 @@ class MultihopScorer:
         document order, 0 ranks units by BM25 alone.
     lead_bonus : float
         Added to each document's first unit (its lead sentence).
+    named_lead_bonus : float
+        When the question names two or more documents (hop-1 match >= 0.9: every content word of
+        the title; comparison questions such as "Which is older, X or Y?"), added to the lead
+        sentence of each of them, so that the budget covers every named entity before the rest
+        of any one document (tuned on the HotpotQA dev split: 8x survival 0.883 -> 0.928).
     k1, b : float
         BM25's parameters.
     dense_weight : float
@@ -201,6 +208,7 @@ class MultihopScorer:
     k1: float = 1.5
     b: float = 0.75
     dense_weight: float = 0.0
+    named_lead_bonus: float = 5.0
     rerank: str = "none"
     rerank_top_k: int = 16
     rerank_weight: float = 1.0
@@ -219,7 +227,8 @@ class MultihopScorer:
         k = self.rerank_top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UniprunerError(f"rerank_top_k must be an int >= 1, got {k!r}")
-        for name in ("hop_weight", "bridge_weight", "doc_weight", "lead_bonus", "dense_weight", "rerank_weight"):
+        for name in ("hop_weight", "bridge_weight", "doc_weight", "lead_bonus", "dense_weight", "named_lead_bonus",
+                     "rerank_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
                 raise UniprunerError(f"{name} must be a finite number, got {v!r}")
@@ -265,17 +274,18 @@ class MultihopScorer:
         if self.dense_weight and len(texts):
             _check_texts(query, texts, [[] for _ in texts])
             dense = self._embedder().score_with_documents(query, texts, [[(0, len(t))] for t in texts])[1]
-        return self._document_scores(query, texts, titles, dense)
+        return self._document_scores(query, texts, titles, dense)[0]
 
     def _document_scores(self, query: str, texts: Sequence[str], titles: Sequence[str | None] | None,
-                         dense: Tensor | None) -> Tensor:
+                         dense: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(document scores, hop-1 matches)``, each ``[len(texts)]``."""
         _check_texts(query, texts, [[] for _ in texts])
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise UniprunerError(f"document {i}: text must be a str, got {type(t).__name__}")
         n = len(texts)
         if n == 0:
-            return torch.zeros(0)
+            return torch.zeros(0), torch.zeros(0)
         words = self._titles(texts, titles)
         base = torch.cat(BM25Scorer(k1=self.k1, b=self.b).score(query, texts, [[(0, len(t))] for t in texts]))
         q_words = _WORD.findall(query.lower())
@@ -296,7 +306,7 @@ class MultihopScorer:
                     bridge[d, h] = title_match(words[d][0], text_words[h], sets[h], words[d][1])
         hop2 = (bridge * first[None, :]).amax(dim=1)
         out = _standardise(base) + self.hop_weight * hop1 + self.bridge_weight * hop2
-        return out if dense is None else out + self.dense_weight * _standardise(dense.float())
+        return (out if dense is None else out + self.dense_weight * _standardise(dense.float())), hop1
 
     def score(self, query: str, texts: Sequence[str], spans: Spans,
               titles: Sequence[str | None] | None = None) -> list[Tensor]:
@@ -316,7 +326,8 @@ class MultihopScorer:
                     raise UniprunerError(f"document {i}: text must be a str, got {type(t).__name__}")
             du, dense_doc = self._embedder().score_with_documents(query, texts, spans)
             dense_units = torch.cat(du)
-        doc = _standardise(self._document_scores(query, texts, titles, dense_doc))
+        doc_raw, hop1 = self._document_scores(query, texts, titles, dense_doc)
+        doc = _standardise(doc_raw)
         unit = _standardise(torch.cat(BM25Scorer(k1=self.k1, b=self.b).score(query, texts, spans)))
         if dense_units is not None:
             unit = unit + self.dense_weight * _standardise(dense_units.float())
@@ -328,7 +339,12 @@ class MultihopScorer:
                                     for t, sp in zip(texts, spans, strict=True)])
         heading = (sizes > 1) & (first_words > 0) & (first_words <= _HEADING_WORDS)
         lead[starts[heading] + 1] = 1.0
-        flat = self.doc_weight * torch.repeat_interleave(doc, sizes) + unit + self.lead_bonus * lead
+        # a question that names two or more documents (comparison / intersection questions, e.g. "X or
+        # Y?", "X and Y are both what?"): the lead sentence of each named document comes first
+        named = hop1 >= _NAMED
+        bonus = self.lead_bonus + (self.named_lead_bonus if int(named.sum()) >= 2 else 0.0) * named.float()
+        lead = lead * torch.repeat_interleave(bonus, sizes)
+        flat = self.doc_weight * torch.repeat_interleave(doc, sizes) + unit + lead
         if self.rerank != "none":
             flat = self._rerank(query, texts, spans, flat)
         return list(torch.split(flat, sizes.tolist()))
