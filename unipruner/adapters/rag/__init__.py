@@ -14,7 +14,8 @@ Usage::
   (:class:`PrunedDocument` list + :class:`PruneStats`).
 * Methods: the registry's ``rag`` methods (``unipruner methods --domain rag``; :data:`SCORERS`),
   by name or instance, each run by a scorer here: ``multihop`` (:class:`MultihopScorer`, the
-  default: question-title and bridge-title document hops, then BM25 units; no model),
+  default: question-title and bridge-title document hops, then BM25 units; no model; optional
+  MiniLM reranking of its shortlist, ``rerank="onnx"``, :class:`MiniLMEncoder`),
   ``query_similarity`` (:class:`EmbeddingScorer`,
   all-MiniLM-L6-v2), ``focal_attention`` (:class:`FocalAttentionScorer`, AttentionRAG, SmolLM2),
   ``self_information`` (:class:`SelfInformationScorer`, LLMLingua / Selective Context, SmolLM2),
@@ -33,6 +34,7 @@ from ._demo import demo_section
 from ._multihop import MultihopScorer
 from ._pruner import ContextPruner, PrunedDocument, PruneResult, PruneStats, ScoredContext, TokenCounter
 from ._registry import SCORERS, make_scorer
+from ._rerank import MiniLMEncoder
 from ._scorers import (
     BM25Scorer,
     EmbeddingScorer,
@@ -55,6 +57,7 @@ __all__ = [
     "FocalAttentionScorer",
     "HybridScorer",
     "IDFScorer",
+    "MiniLMEncoder",
     "MultihopScorer",
     "PruneResult",
     "PruneStats",

@@ -347,10 +347,16 @@ class MiniLMEncoder:
             assert self._onnx is not None
             try:
                 sess = _session(self._onnx[0], self._onnx[1], torch.get_num_threads())
-            except Exception:  # onnxruntime raises its own classes for unreadable files
+            except ImportError:
+                raise
+            except Exception:  # onnxruntime raises its own classes for unreadable files: rebuild once
                 path, digest = ensure_onnx(self.cache_dir, rebuild=True)
                 self._onnx = (str(path), digest)
-                sess = _session(str(path), digest, torch.get_num_threads())
+                try:
+                    sess = _session(str(path), digest, torch.get_num_threads())
+                except Exception as err:
+                    raise UniprunerError(f"onnxruntime cannot load the rebuilt {path}: {err}; "
+                                         "use rerank='torch'") from err
         ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if self.torch_dtype == "bfloat16"
                else contextlib.nullcontext())
         for b in range(0, len(order), self.batch_size):
