@@ -35,9 +35,10 @@ def ray_cluster() -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
     tmp = tempfile.mkdtemp(prefix="urt", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     os.environ["RAY_TMPDIR"] = tmp
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: no usage report to the Ray project
     cluster = None
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": STORE,
