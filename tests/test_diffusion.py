@@ -549,3 +549,22 @@ def test_sd35_dual_attention_blocks():
         assert torch.equal(_run(m, kw), ref)
     with pytest.raises(UniprunerError, match="jointly"):
         unipruner.diffusion.patch(m, "todo", ratio=0.25)
+
+
+def test_flops_on_the_meta_device():
+    """Full SDXL without weights: the patched call runs on the meta device, so FLOPs count in seconds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = diffusion_model("sdxl", "full", device="meta")
+    kw = diffusion_inputs("sdxl", m, batch=1, latent=64)
+
+    def flops() -> int:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            m(**kw)
+        return int(fc.get_total_flops())
+
+    base = flops()
+    for method, r in (("tomesd", 0.5), ("tome", 0.5), ("todo", 0.25)):
+        with unipruner.diffusion.patch(m, method, ratio=r):
+            assert flops() < base

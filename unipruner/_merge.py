@@ -73,7 +73,7 @@ class MergePlan:
         b, n = self.dst.shape
         idx = self.dst.clamp(min=0)
         out = y.gather(1, idx.reshape(b, n, *([1] * (y.ndim - 2))).expand(b, n, *y.shape[2:]))
-        if bool((self.dst < 0).any()):
+        if not self.dst.is_meta and bool((self.dst < 0).any()):
             keep = (self.dst >= 0).reshape(b, n, *([1] * (y.ndim - 2)))
             out = out * keep
         return out

@@ -57,7 +57,7 @@ def check_mask(mask: Tensor | None, batch: int, n: int, name: str = "mask") -> T
 
 def check_finite(x: Tensor, name: str) -> Tensor:
     """Raise if ``x`` contains NaN (infinities are allowed: they encode protection / masking)."""
-    if x.is_floating_point() and bool(torch.isnan(x).any()):
+    if x.is_floating_point() and not x.is_meta and bool(torch.isnan(x).any()):
         raise UniprunerError(f"{name} contains NaN; check the model outputs that produced them")
     return x
 

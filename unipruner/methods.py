@@ -583,9 +583,9 @@ class MergingMethod(Method):
                 f"{self.name!r} merges whole batches: ragged (masked) batches are not supported; "
                 "reduce each sequence separately"
             )
-        target = int(self.budget.counts(valid_counts(None, b, n, tokens.device), n_max=n,
+        target = int(self.budget.counts(valid_counts(None, b, n, "cpu"), n_max=n,  # counts only: on the CPU
                                         scores=None if not self.budget.data_dependent else
-                                        torch.zeros(b, n, device=tokens.device))[0])
+                                        torch.zeros(b, n))[0])
         target = max(target, self.protected, 1)
         metric = _metric(tokens, signals)
         dst = torch.arange(n, device=tokens.device).expand(b, n).clone()  # input -> current slot

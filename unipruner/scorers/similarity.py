@@ -280,21 +280,25 @@ def stride_matching_2d(metric: Tensor, w: int, h: int, sx: int, sy: int, r: int,
     if r == 0:
         return _identity(b, n, None, dev).closures()
 
+    # the window bookkeeping depends only on the grid and the draw: done on the CPU when the metric is on
+    # the meta device (FLOP counting without weights), where nonzero() has no data
+    idev = torch.device("cpu") if metric.is_meta else dev
     with torch.no_grad():
         if random_dst:
-            gen_dev = generator.device if generator is not None else dev
+            gen_dev = generator.device if generator is not None else idev
             k = torch.randint(sy * sx, (gh, gw, 1), generator=generator, device=gen_dev)
-            k = k.to(dev).squeeze(-1)
+            k = k.to(idev).squeeze(-1)
         else:
-            k = torch.zeros(gh, gw, dtype=torch.long, device=dev)
-        win_h = (h - torch.arange(gh, device=dev) * sy).clamp(max=sy)  # rows in each window row
-        win_w = (w - torch.arange(gw, device=dev) * sx).clamp(max=sx)
-        row = torch.arange(gh, device=dev).unsqueeze(1) * sy + (k // sx) % win_h.unsqueeze(1)
-        col = torch.arange(gw, device=dev).unsqueeze(0) * sx + (k % sx) % win_w.unsqueeze(0)
+            k = torch.zeros(gh, gw, dtype=torch.long, device=idev)
+        win_h = (h - torch.arange(gh, device=idev) * sy).clamp(max=sy)  # rows in each window row
+        win_w = (w - torch.arange(gw, device=idev) * sx).clamp(max=sx)
+        row = torch.arange(gh, device=idev).unsqueeze(1) * sy + (k // sx) % win_h.unsqueeze(1)
+        col = torch.arange(gw, device=idev).unsqueeze(0) * sx + (k % sx) % win_w.unsqueeze(0)
         dst_pos = (row * w + col).reshape(-1)  # [n_dst], ascending
-        is_dst = torch.zeros(n, dtype=torch.bool, device=dev)
+        is_dst = torch.zeros(n, dtype=torch.bool, device=idev)
         is_dst[dst_pos] = True
-        src_pos = torch.nonzero(~is_dst).squeeze(1)  # [n_src], ascending
+        src_pos = torch.nonzero(~is_dst).squeeze(1).to(dev)  # [n_src], ascending
+        dst_pos = dst_pos.to(dev)
 
         m = metric.detach()
         scores = cosine_matrix(m[:, src_pos], m[:, dst_pos])  # [B, n_src, n_dst]
@@ -309,7 +313,8 @@ def stride_matching_2d(metric: Tensor, w: int, h: int, sx: int, sy: int, r: int,
         src_slot = torch.where(removed, slot.gather(1, dst_pos[match]), slot[:, src_pos])
         dst = slot.clone()
         dst[:, src_pos] = src_slot
-        rep = torch.nonzero(keep)[:, 1].reshape(b, n - r)  # the kept tokens, in order: slot -> position
+        # the kept tokens in order (slot -> position): a stable sort puts them first
+        rep = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, : n - r]
     return MergePlan(dst, n - r, rep=rep).closures()
 
 

@@ -161,7 +161,7 @@ def _timestep(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, Tensor):
-        if value.numel() == 0:
+        if value.numel() == 0 or value.is_meta:  # meta (FLOP counting): no value; the step is unknown
             return None
         return float(value.reshape(-1)[0])
     if isinstance(value, (int, float)):
@@ -394,7 +394,7 @@ class DiffusionHandle(PatchHandle):
                     out = self._make_reuse(s.method, sc, site, x, args, kwargs, call)
                 else:
                     out = self._make_prune(s.method, sc, site, x, args, kwargs, call.progress, g.initial_seed())
-                if call.map is None and factor == 1 and (sc.plan is not None or sc.keep is not None):
+                if call.map is None and factor == 1 and not x.is_meta and (sc.plan is not None or sc.keep is not None):
                     call.map = self._map(sc)
             call.sites[site.index] = sc
             return out
