@@ -583,7 +583,7 @@ class MergingMethod(Method):
                 f"{self.name!r} merges whole batches: ragged (masked) batches are not supported; "
                 "reduce each sequence separately"
             )
-        target = int(self.budget.counts(valid_counts(None, b, n, "cpu"), n_max=n,  # counts only: on the CPU
+        target = int(self.budget.counts(valid_counts(None, b, n, torch.device("cpu")), n_max=n,  # counts: CPU
                                         scores=None if not self.budget.data_dependent else
                                         torch.zeros(b, n))[0])
         target = max(target, self.protected, 1)
