@@ -34,6 +34,24 @@ def _run(model: nn.Module, kw: dict, *, positional: bool = False) -> torch.Tenso
         return model(**kw)[0]
 
 
+def _run_hooked(model: nn.Module, kw: dict, handles: list) -> torch.Tensor:
+    """The unpatched model's output with hand-written reference hooks, removed afterwards."""
+    try:
+        return _run(model, kw)
+    finally:
+        for hk in handles:
+            hk.remove()
+
+
+def _flops(model: nn.Module, kw: dict) -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(**kw)
+    return int(fc.get_total_flops())
+
+
 @pytest.mark.parametrize("name", HOSTS)
 @pytest.mark.parametrize("method", MERGES)
 def test_merge_every_host(models, name, method):
@@ -161,32 +179,18 @@ def test_tomesd_equals_naive_reference(models):
     n = 64
     r = n - round(n * 0.5)
     blocks = [mod for name, mod in m.named_modules() if name in {s.name for s in sites}]
-    handles = [hk for b in blocks for hk in _naive_tomesd_block_hooks(b, r, (8, 8))]
-    try:
-        ref = _run(m, kw)
-    finally:
-        for hk in handles:
-            hk.remove()
+    ref = _run_hooked(m, kw, [hk for b in blocks for hk in _naive_tomesd_block_hooks(b, r, (8, 8))])
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_sdxl_is_really_reduced(models):
     """SDXL has no attention at full resolution: the default patches its finest attention level (x2)
     and the FLOPs drop; asking for full resolution only is an error, never a silent no-op."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     m = models["sdxl"]
     kw = diffusion_inputs("sdxl", m, batch=2, latent=16)
-
-    def flops() -> int:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            m(**kw)
-        return int(fc.get_total_flops())
-
-    base = flops()
+    base = _flops(m, kw)
     with unipruner.diffusion.patch(m, "tomesd", ratio=0.5) as h:
-        reduced = flops()
+        reduced = _flops(m, kw)
         assert h.stats().reduced
         assert {s.factor for s in h.stats().sites} == {2}
         assert "left alone" in h.describe() or all("merge" in line for line in h.describe().splitlines()[1:])
@@ -249,11 +253,7 @@ def test_todo_keys_from_downsampled_grid(models):
                 kw2["encoder_hidden_states"] = kv.flatten(2).transpose(1, 2)
                 return args, kw2
             handles.append(mod.attn1.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        expected = _run(m, kw)
-    finally:
-        for hk in handles:
-            hk.remove()
+    expected = _run_hooked(m, kw, handles)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(_run(m, kw), ref)
 
@@ -477,12 +477,8 @@ def test_atedm_equals_reference(models):
     def post(mod, args, kwargs, out):
         return meth.recover(out, store["keep"], store["x"])
 
-    hs = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
-    try:
-        ref = _run(m, kw)
-    finally:
-        for hk in hs:
-            hk.remove()
+    ref = _run_hooked(m, kw, [block.register_forward_pre_hook(pre, with_kwargs=True),
+                              block.register_forward_hook(post, with_kwargs=True)])
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -553,18 +549,9 @@ def test_sd35_dual_attention_blocks():
 
 def test_flops_on_the_meta_device():
     """Full SDXL without weights: the patched call runs on the meta device, so FLOPs count in seconds."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     m = diffusion_model("sdxl", "full", device="meta")
     kw = diffusion_inputs("sdxl", m, batch=1, latent=64)
-
-    def flops() -> int:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            m(**kw)
-        return int(fc.get_total_flops())
-
-    base = flops()
+    base = _flops(m, kw)
     for method, r in (("tomesd", 0.5), ("tome", 0.5), ("todo", 0.25)):
         with unipruner.diffusion.patch(m, method, ratio=r):
-            assert flops() < base
+            assert _flops(m, kw) < base

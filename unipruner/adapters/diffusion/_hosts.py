@@ -11,7 +11,7 @@ it from ``args[0]``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -116,7 +116,6 @@ class DiffusionHost:
     sample_arg: str
     signature: inspect.Signature
     num_train_timesteps: int = 1000
-    notes: list[str] = field(default_factory=list)
 
     @property
     def is_unet(self) -> bool:

@@ -697,7 +697,7 @@ def find(pipe_or_model: Any) -> DiffusionHandle | None:
     model = pipe_or_model
     if not isinstance(model, nn.Module):
         try:
-            model, _ = find_host(pipe_or_model)[0].model, None
+            model = find_host(pipe_or_model)[0].model
         except UniprunerError:
             return None
     return find_handle(model, DiffusionHandle)
