@@ -21,6 +21,12 @@ Per host (the placeholder counts every host's forward checks against its feature
   torchvision for its video processor).
 * Idefics3 / SmolVLM: SigLIP 64 px / patch 8 (8x8 patches), pixel shuffle ``scale_factor`` 2 -> 16 tokens;
   one image a row (no splitting): ``pixel_values [B, 1, 3, H, W]``, ``pixel_attention_mask [B, 1, H, W]``.
+* Gemma 3: SigLIP 64 px / patch 8 (8x8 patches), the projector's 2x2 average pool -> 16 soft tokens between
+  ``BOI`` / ``EOI``; ``pixel_values [B, 3, H, W]`` and ``token_type_ids`` (1 on the soft tokens, as the
+  processor returns them). Layers alternate local (sliding window) and global attention, local first;
+  ``gemma3`` has a window of 8 tokens (smaller than every prompt: the window is really exercised, image
+  blocks included), ``gemma3_wide`` one of 512 (larger than every prompt). The projector's weight is
+  drawn at random (Hugging Face initialises it to zeros, which would make every visual token the same).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ VIDEO = 101
 VISION_START = 102
 VISION_END = 103
 AROUND = 104  # Idefics3's <fake_token_around_image>
+BOI, EOI = 105, 106  # Gemma 3's begin / end of image
 
 HOSTS: dict[str, str] = {
     "llava": "LlavaForConditionalGeneration",
@@ -49,7 +56,11 @@ HOSTS: dict[str, str] = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "gemma3_wide": "Gemma3ForConditionalGeneration",
 }
+#: Gemma 3's sliding windows: smaller than every tiny prompt (23 to 30 tokens), and larger
+GEMMA_WINDOW = {"gemma3": 8, "gemma3_wide": 512}
 
 _TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
@@ -59,6 +70,8 @@ _TILE, _TILE_PATCH = 28, 14  # LLaVA-NeXT / OneVision tiles: 2x2 tokens each
 _PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 _QWEN_PATCH = 4
 _IDEFICS = dict(image_size=64, patch_size=8)  # 8x8 patches, pixel shuffle 2 -> 16 tokens of 4 * 32 dims
+_GEMMA = dict(image_size=64, patch_size=8)  # 8x8 patches, 2x2 average pool -> 16 soft tokens
+_GEMMA_TOKENS = 16
 
 
 def _qwen_vision(host: str) -> dict[str, Any]:
@@ -112,10 +125,19 @@ def tiny_vlm(host: str, attn: str = "sdpa") -> transformers.PreTrainedModel:
         cls_cfg = t.Idefics3Config if host == "idefics3" else t.SmolVLMConfig
         cfg = cls_cfg(vision_config=vis, text_config=t.LlamaConfig(**text), image_token_id=IMAGE, scale_factor=2,
                       pad_token_id=PAD)
+    elif host in GEMMA_WINDOW:
+        text_cfg = t.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=GEMMA_WINDOW[host],
+                                      layer_types=["sliding_attention", "full_attention"] * 2, **text)
+        cfg = t.Gemma3Config(text_config=text_cfg, vision_config=t.SiglipVisionConfig(**_VISION, **_GEMMA),
+                             mm_tokens_per_image=_GEMMA_TOKENS, image_token_index=IMAGE, boi_token_index=BOI,
+                             eoi_token_index=EOI)
     else:
         raise ValueError(f"unknown host {host!r}; known: {', '.join(HOSTS)}")
     torch.manual_seed(0)
     model = getattr(t, HOSTS[host])(cfg).eval()
+    if host in GEMMA_WINDOW:  # Hugging Face zeroes the projector (all visual tokens equal): draw it, seeded
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     model.set_attn_implementation(attn)
     gc = model.generation_config
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, PAD, None  # random weights: never stop early
@@ -125,6 +147,9 @@ def tiny_vlm(host: str, attn: str = "sdpa") -> transformers.PreTrainedModel:
 def host_of(model: Any) -> str:
     """The :data:`HOSTS` key of a model built by :func:`tiny_vlm`."""
     name = type(model).__name__
+    if name == HOSTS["gemma3"]:
+        window = model.config.text_config.sliding_window
+        return next(k for k, w in GEMMA_WINDOW.items() if w == window)
     return next(k for k, v in HOSTS.items() if v == name)
 
 
@@ -175,6 +200,11 @@ def _row(model: Any, i: int, seed: int, *, uniform: bool) -> _Row:
                  "image_grid_thw": torch.tensor([thw])}
         n = patches // 4
         mid = [VISION_START] + [IMAGE] * n + [VISION_END]
+    elif host in GEMMA_WINDOW:
+        side = _GEMMA["image_size"]
+        image = {"pixel_values": torch.randn(1, 3, side, side, generator=g)}
+        n = _GEMMA_TOKENS
+        mid = [BOI] + [IMAGE] * n + [EOI]
     else:  # idefics3 / smolvlm: one image (no splitting)
         side = _IDEFICS["image_size"]
         image = {"pixel_values": torch.randn(1, 1, 3, side, side, generator=g),
@@ -205,6 +235,9 @@ def _collate(model: Any, rows: list[_Row]) -> dict[str, Any]:
             pix[j, : r.image["pixel_values"].shape[1]] = r.image["pixel_values"][0]
         out["pixel_values"] = pix
         out["image_sizes"] = torch.cat([r.image["image_sizes"] for r in rows])
+    elif host in GEMMA_WINDOW:
+        out["pixel_values"] = torch.cat([r.image["pixel_values"] for r in rows])
+        out["token_type_ids"] = (ids == IMAGE).long()
     else:
         for key in rows[0].image:
             out[key] = torch.cat([r.image[key] for r in rows])

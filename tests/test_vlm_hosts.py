@@ -5,6 +5,11 @@ tokens); ``unpatch()`` restores the model exactly (outputs and every module's ho
 batch of two different images equals each row alone; the KV cache after a pruned prefill holds the kept
 length (input stage: every layer; ``llm`` stage at layer K: layers >= K only); ``stats()`` reports the
 visual tokens per image before and after the budget; pruned ``generate()`` is deterministic.
+
+Gemma 3 (``gemma3``: a sliding window of 8, smaller than every prompt; ``gemma3_wide``: 512) also runs
+against a hand-written reference: the language model layer by layer on the kept rows at their original
+positions, with its own dict of masks (causal or same image block; local layers within the window) built
+plainly, an explicit ``DynamicCache`` and a greedy decode loop.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from _tiny_vlm import HOSTS, IMAGE, inputs, row_inputs, tiny_vlm, visual_counts
+from _tiny_vlm import GEMMA_WINDOW, HOSTS, IMAGE, inputs, row_inputs, tiny_vlm, visual_counts
+from test_vlm import _naive_divprune
+from transformers.cache_utils import DynamicCache
+from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 import unipruner
 from unipruner import Budget
@@ -201,6 +209,11 @@ def test_kv_cache_holds_the_kept_length(host: str, case: str) -> None:
     first = kw.get("layer", 0)
     n_layers = len(unipruner.vlm.find_host(model).layers)
     expected = tuple(width if i < first else packed for i in range(n_layers))
+    text_cfg = model.config.get_text_config()
+    if host in GEMMA_WINDOW:  # local layers store the last window - 1 slots, as Hugging Face's sliding layers do
+        window = text_cfg.sliding_window
+        expected = tuple(min(n, window - 1) if text_cfg.layer_types[i] == "sliding_attention" else n
+                         for i, n in enumerate(expected))
     with unipruner.vlm.patch(model, method, **kw) as h:
         out = _forward(model, x, use_cache=True)
         stats = h.stats()
@@ -272,3 +285,139 @@ def test_methods_without_their_signal_are_refused_at_patch_time() -> None:
         with pytest.raises(UniprunerError, match="stage='vision' does not have"):
             unipruner.vlm.patch(model, method, stage="vision", ratio=0.5)
     assert unipruner.vlm.find(model) is None
+
+
+# ------------------------------------------------------------------------------ Gemma 3: a plain reference
+
+
+def _gemma_block(ids: list[int], types: list[int]) -> list[int]:
+    """Image block of every token (runs of token_type_ids == 1), -1 for text."""
+    out, block = [], -1
+    for i, t in enumerate(types):
+        if t == 1 and (i == 0 or types[i - 1] != 1):
+            block += 1
+        out.append(block if t == 1 else -1)
+    return out
+
+
+def _gemma_masks(keep: list[int], block: list[int], window: int) -> dict[str, torch.Tensor]:
+    """Gemma 3's prefill masks over the kept tokens (original indices): causal or same image block; local: in window."""
+    n = len(keep)
+    full = torch.zeros(1, 1, n, n, dtype=torch.bool)
+    local = torch.zeros(1, 1, n, n, dtype=torch.bool)
+    for i, p in enumerate(keep):
+        for j, r in enumerate(keep):
+            see = r <= p or (block[p] >= 0 and block[p] == block[r])
+            full[0, 0, i, j] = see
+            local[0, 0, i, j] = see and r > p - window
+    return {"full_attention": full, "sliding_attention": local}
+
+
+def _gemma_run(model: Any, h: torch.Tensor, pos: list[int], masks: dict[str, torch.Tensor] | list[torch.Tensor],
+               cache: DynamicCache, fed: list[list[int]], start: int, stop: int) -> torch.Tensor:
+    """Decoder layers ``start:stop`` on ``h`` at positions ``pos`` (masks per layer type, or per layer).
+
+    ``fed[l]`` records the positions layer ``l`` saw.
+    """
+    lm = model.model.language_model
+    types = lm.config.layer_types
+    p = torch.tensor([pos])
+    pe = {t: lm.rotary_emb(h, p, t) for t in set(types)}
+    for i in range(start, stop):
+        mask = masks[types[i]] if isinstance(masks, dict) else masks[i]
+        h = lm.layers[i](h, attention_mask=mask, position_embeddings=pe[types[i]], cache=cache, use_cache=True)
+        fed[i] += pos
+    return h
+
+
+def _gemma_fastv_scores(model: Any, h: torch.Tensor, pos: list[int], mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """FastV (Chen et al., ECCV 2024): the last query's attention in ``layer`` under its own mask, mean over heads."""
+    lm = model.model.language_model
+    blk = lm.layers[layer]
+    attn = blk.self_attn
+    x = blk.input_layernorm(h)
+    t = x.shape[1]
+    q = attn.q_norm(attn.q_proj(x).view(1, t, -1, attn.head_dim)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(1, t, -1, attn.head_dim)).transpose(1, 2)
+    cos, sin = lm.rotary_emb(x, torch.tensor([pos]), lm.config.layer_types[layer])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q[:, :, -1:] @ k.transpose(-1, -2)) * attn.scaling
+    row = torch.softmax(logits.masked_fill(~mask[:, :, -1:], float("-inf")), dim=-1)
+    return row[0, :, 0].mean(0)
+
+
+@torch.no_grad()
+def _gemma_reference(model: Any, row: dict[str, Any], method: str, kw: dict[str, Any]) -> list[int]:
+    """Greedy tokens of one row (batch 1, no padding) pruned by ``method`` at the input or at layer K, plainly."""
+    lm = model.model.language_model
+    types = lm.config.layer_types
+    window = lm.config.sliding_window
+    ids = row["input_ids"][0].tolist()
+    block = _gemma_block(ids, row["token_type_ids"][0].tolist())
+    emb = lm.embed_tokens(row["input_ids"])[0].clone()  # Gemma scales the text embeddings by sqrt(hidden)
+    feats = model.model.get_image_features(row["pixel_values"]).pooler_output
+    vis = [i for i, t in enumerate(ids) if t == IMAGE]
+    emb[vis] = feats.reshape(-1, feats.shape[-1])
+    text = [i for i, t in enumerate(ids) if t != IMAGE]
+    n_keep = _expected_kept(kw, [len(vis)])[0]
+    cache = DynamicCache(config=lm.config)
+    fed: list[list[int]] = [[] for _ in types]
+    everything = list(range(len(ids)))
+    if kw.get("stage", "input") == "input":
+        kept = sorted(text + [vis[j] for j in _naive_divprune(emb[vis], n_keep)])
+        h = _gemma_run(model, emb[kept][None], kept, _gemma_masks(kept, block, window), cache, fed, 0, len(types))
+    else:
+        k_layer = kw["layer"]
+        masks = _gemma_masks(everything, block, window)
+        h = _gemma_run(model, emb[None], everything, masks, cache, fed, 0, k_layer - 1)
+        scores = _gemma_fastv_scores(model, h, everything, masks[types[k_layer - 1]], k_layer - 1)
+        h = _gemma_run(model, h, everything, masks, cache, fed, k_layer - 1, k_layer)
+        v = torch.tensor(vis)
+        top = v[torch.argsort(scores[v], descending=True, stable=True)[:n_keep]].tolist()
+        kept = sorted(text + top)
+        h = _gemma_run(model, h[:, kept], kept, _gemma_masks(kept, block, window), cache, fed, k_layer, len(types))
+    out = []
+    for step in range(NEW):
+        tok = int(model.lm_head(lm.norm(h[:, -1:]))[0, -1].argmax())
+        out.append(tok)
+        if step == NEW - 1:
+            break
+        p = len(ids) + step
+        # a new token sees every stored key of a global layer, and those within the window of a local one (the
+        # local layers store their last window - 1 keys)
+        step_masks = []
+        for layer, t in enumerate(types):
+            stored = fed[layer][-(window - 1):] if t == "sliding_attention" else fed[layer]
+            see = [r > p - window or t == "full_attention" for r in stored] + [True]
+            step_masks.append(torch.tensor(see)[None, None, None])
+        h = _gemma_run(model, lm.embed_tokens(torch.tensor([[tok]])), [p], step_masks, cache, fed, 0, len(types))
+    return out
+
+
+GEMMA_CASES = ["divprune-input", "divprune-input-keep", "fastv-llm2", "fastv-llm1-keep"]
+
+
+@pytest.mark.parametrize("host", list(GEMMA_WINDOW))
+@pytest.mark.parametrize("case", GEMMA_CASES)
+def test_gemma3_pruned_generate_matches_the_plain_reference(host: str, case: str) -> None:
+    """A left-padded batch of two images through ``generate()`` == each row by the plain reference, token for token."""
+    model = _model(host)
+    x = inputs(model, 2)
+    assert max(x["attention_mask"].sum(-1).tolist()) > GEMMA_WINDOW["gemma3"]  # the small window is exercised
+    method, kw = _case(host, case)
+    with unipruner.vlm.patch(model, method, **kw):
+        tokens = _generate(model, x)
+    for i in range(2):
+        assert tokens[i].tolist() == _gemma_reference(model, row_inputs(model, i), method, kw), f"row {i}"
+
+
+def test_gemma3_refuses_the_vision_stage_and_a_cache_without_sliding_positions() -> None:
+    model = _model("gemma3")
+    with pytest.raises(UniprunerError, match="average-pools"):
+        unipruner.vlm.patch(model, "visionzip", stage="vision", keep=4)
+    assert unipruner.vlm.find(model) is None
+    x = inputs(model, 2)
+    with unipruner.vlm.patch(model, "divprune", keep=4):
+        with pytest.raises(UniprunerError, match="sliding=True"):
+            _forward(model, x, cache=unipruner.kv.CompressedCache(model.config.get_text_config()))

@@ -15,7 +15,10 @@ plain ``DynamicCache`` whose tensors were shortened silently puts new tokens at 
   ``[B, H_kv, S]`` (rows and heads may keep different counts; ``None`` = all valid), and the
   adapter's attention hook builds the attention mask from that layout;
 * sliding-window layers (Gemma 3, Mistral/Qwen2 with a window) stay Hugging Face's own
-  ``DynamicSlidingWindowLayer`` and are never compressed.
+  ``DynamicSlidingWindowLayer`` and are never compressed by :mod:`unipruner.kv`; with
+  ``CompressedCache(config, sliding=True)`` (what :mod:`unipruner.vlm` builds) they are
+  :class:`CompressedSlidingLayer`: the same last ``window - 1`` slots, plus the validity and the
+  position id of each, so a layer that saw a pruned sequence can mask its window by position.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import UniprunerError
 
-__all__ = ["CompressedCache", "CompressedLayer", "Step"]
+__all__ = ["CompressedCache", "CompressedLayer", "CompressedSlidingLayer", "Step"]
 
 
 @dataclass
@@ -199,6 +202,115 @@ class CompressedLayer(DynamicLayer):
         self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
+class CompressedSlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer that knows the position and validity of the slots it keeps.
+
+    Stores what ``DynamicSlidingWindowLayer`` stores (the last ``window - 1`` slots, the same
+    tensors while nothing is pruned) plus, per slot, whether it is a real token and its position
+    id. Once the layer has seen a pruned sequence (``compressed``), its slots are no longer the
+    last ``window - 1`` positions, and the adapter masks them by position (a key at ``p`` is
+    visible to a query at ``t`` when ``t - window < p <= t``).
+
+    Attributes
+    ----------
+    seen : int
+        Logical length: tokens fed so far, padding included (``get_seq_length``).
+    valid : Tensor ``[B, S]`` bool or None
+        Which stored slots are real tokens (None before the first update).
+    positions : Tensor ``[B, S]`` long or None
+        Their position ids.
+    compressed : bool
+        Whether the adapter pruned the sequence this layer saw (its masks follow the slots).
+    """
+
+    is_croppable = False
+
+    def __init__(self, sliding_window: int) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self.seen = 0
+        self.valid: Tensor | None = None
+        self.positions: Tensor | None = None
+        self.compressed = False
+
+    def get_seq_length(self) -> int:
+        """The logical length (tokens seen), not the number of stored slots."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Hugging Face's sizes while nothing is pruned; ``S + q`` keys ending at ``seen + q`` after."""
+        if not self.compressed:
+            return super().get_mask_sizes(query_length)
+        stored = 0 if self.keys is None or not self.is_initialized else int(self.keys.shape[-2])
+        return stored + query_length, self.seen - stored
+
+    def append(self, key_states: Tensor, value_states: Tensor, step: Step | None) -> tuple[Tensor, Tensor]:
+        """Append ``q`` new slots; return every stored plus new slot, keep the last ``window - 1``.
+
+        Keeps more than ``window - 1`` slots only when tokens share a position (aggregate tokens
+        take their image's last position) and a key still visible to the next query would go.
+        """
+        if self.compressed and step is None:
+            raise UniprunerError(
+                "this cache holds a pruned sequence and can only be extended by the model patched with "
+                "unipruner.vlm (its attention masks must follow the stored slots)"
+            )
+        b, _, q, _ = key_states.shape
+        dev = key_states.device
+        new_valid = (torch.ones(b, q, dtype=torch.bool, device=dev) if step is None or step.valid is None
+                     else step.valid.to(dev))
+        new_pos = (self.seen + torch.arange(q, device=dev)[None].expand(b, q) if step is None
+                   else step.positions.to(dev).expand(b, q))
+        if not self.is_initialized or self.valid is None or self.positions is None:
+            valid, pos = new_valid, new_pos
+        else:
+            valid, pos = torch.cat([self.valid, new_valid], 1), torch.cat([self.positions, new_pos], 1)
+        full_k, full_v = super().update(key_states, value_states)  # Hugging Face's own crop of keys / values
+        self.seen += q
+        total, stored = full_k.shape[-2], self.keys.shape[-2]
+        last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values
+        live = valid & (pos > last + 1 - self.sliding_window)  # still visible to the next query
+        first = torch.where(live.any(1), live.long().argmax(1), torch.full_like(last[:, 0], total))
+        keep = max(stored, int((total - first).max()))
+        if keep > stored:
+            self.keys, self.values = full_k[:, :, total - keep:], full_v[:, :, total - keep:]
+        self.valid, self.positions = valid[:, total - keep:], pos[:, total - keep:]
+        return full_k, full_v
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object,
+               **kwargs: object) -> tuple[Tensor, Tensor]:
+        """Hugging Face's entry point; :class:`CompressedCache` calls :meth:`append` with the step."""
+        return self.append(key_states, value_states, None)
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.valid = self.positions = None
+        self.compressed = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise UniprunerError(
+                "a sliding-window layer of a pruned sequence cannot be cropped; assisted / speculative decoding "
+                "is not supported with unipruner.vlm"
+            )
+
+    def _batch_apply(self, fn: Callable[[Tensor], Tensor]) -> None:
+        f: Any = fn
+        for name in ("keys", "values", "valid", "positions"):
+            t = getattr(self, name)
+            if isinstance(t, Tensor) and t.numel() > 0:
+                setattr(self, name, f(t))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._batch_apply(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
 class CompressedCache(DynamicCache):
     """A ``DynamicCache`` whose full-attention layers may be compressed by :mod:`unipruner.kv`.
 
@@ -211,6 +323,9 @@ class CompressedCache(DynamicCache):
     ----------
     config : transformers.PretrainedConfig
         The model's config.
+    sliding : bool
+        Sliding-window layers become :class:`CompressedSlidingLayer` (slot positions and validity
+        tracked) instead of staying Hugging Face's ``DynamicSlidingWindowLayer``.
 
     Examples
     --------
@@ -221,22 +336,30 @@ class CompressedCache(DynamicCache):
     (['CompressedLayer', 'CompressedLayer'], 0)
     """
 
-    def __init__(self, config: object) -> None:
+    def __init__(self, config: object, *, sliding: bool = False) -> None:
         if config is None:
             raise UniprunerError("CompressedCache needs the model config: CompressedCache(model.config)")
         super().__init__(config=config)  # type: ignore[arg-type]
-        self.layers = [CompressedLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        layers: list[Any] = []
+        for layer in self.layers:
+            if type(layer) is DynamicLayer:
+                layer = CompressedLayer()
+            elif sliding and type(layer) is DynamicSlidingWindowLayer:
+                layer = CompressedSlidingLayer(layer.sliding_window)
+            layers.append(layer)
+        self.layers = layers
         self.step: Step | None = None
         self.plan: object | None = None  # the settings it was compressed with (set by the adapter)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: object,
                **kwargs: object) -> tuple[Tensor, Tensor]:
         layer = self.layers[layer_idx]
-        if isinstance(layer, CompressedLayer):
+        if isinstance(layer, (CompressedLayer, CompressedSlidingLayer)):
             return layer.append(key_states, value_states, self.step)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def compressed(self) -> bool:
         """Whether any layer has been compressed."""
-        return any(isinstance(layer, CompressedLayer) and layer.compressed for layer in self.layers)
+        return any(isinstance(layer, (CompressedLayer, CompressedSlidingLayer)) and layer.compressed
+                   for layer in self.layers)

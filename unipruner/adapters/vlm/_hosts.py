@@ -4,7 +4,8 @@ Host classes are matched by name (never imported). For each model instance :func
 returns a :class:`VLMHost`: the multimodal body (``model.model``), its language model and
 decoder layers, the image placeholder token, how many visual tokens each image has, and what
 the language model receives besides ``inputs_embeds`` that must follow a pruned sequence
-(Qwen3-VL's deepstack inputs, M-RoPE position rows).
+(Qwen3-VL's deepstack inputs, M-RoPE position rows, Gemma 3's per-layer-type masks and rotary
+embeddings).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ SUPPORTED_HOSTS: dict[str, str] = {
     "Qwen3VLForConditionalGeneration": "Qwen3-VL (M-RoPE, deepstack visual inputs at the first layers)",
     "Idefics3ForConditionalGeneration": "Idefics3 (SigLIP tower, pixel-shuffle connector, image splitting)",
     "SmolVLMForConditionalGeneration": "SmolVLM (Idefics3 architecture)",
+    "Gemma3ForConditionalGeneration": ("Gemma 3 (SigLIP tower, pooled projector; local / global layers, a dict of "
+                                       "masks, bidirectional image blocks from token_type_ids)"),
 }
 
 #: hosts whose language model takes M-RoPE position ids ``[3 or 4, B, L]``
@@ -60,6 +63,12 @@ class VLMHost:
         it varies (anyres tiles, Qwen's dynamic resolution: read from the inputs).
     grid : tuple of int or None
         The ``(h, w)`` token grid of one image when it is fixed.
+    layer_types : tuple of str or None
+        Gemma 3: ``"full_attention"`` / ``"sliding_attention"`` of every decoder layer. The language
+        model then takes a dict of masks (one per type) and per-type rotary embeddings, and image
+        blocks (runs of ``token_type_ids == 1``) attend bidirectionally at prefill. None elsewhere.
+    sliding_window : int or None
+        Gemma 3: the window of its sliding (local) layers, in positions.
     """
 
     cls_name: str
@@ -76,6 +85,8 @@ class VLMHost:
     vision_attn: nn.Module | None = field(default=None, repr=False)
     projector: nn.Module | None = field(default=None, repr=False)
     vision_cls: bool = False
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
     vision_reason: str = "the vision stage is implemented for LLaVA 1.5 (CLIP / SigLIP towers, per-token projector)"
 
     @property
@@ -180,6 +191,15 @@ def find_host(model: object) -> VLMHost:
         host.tokens_per_image, host.grid = n, _square(n)
     elif cls_name == "Qwen3VLForConditionalGeneration":
         host.deepstack = len(getattr(cfg.vision_config, "deepstack_visual_indexes", ()) or ())
+    elif cls_name == "Gemma3ForConditionalGeneration":
+        n = int(cfg.mm_tokens_per_image)
+        host.tokens_per_image, host.grid = n, _square(n)
+        text = host.text_config
+        host.layer_types = tuple(text.layer_types[: len(host.layers)])
+        host.sliding_window = None if text.sliding_window is None else int(text.sliding_window)
+        host.vision_reason = (
+            "Gemma 3's projector average-pools the SigLIP patches into its soft tokens (a tower patch is not an "
+            "LLM token) and its tower has no CLS: prune the soft tokens at stage='input' or stage='llm'")
     return host
 
 

@@ -34,8 +34,8 @@ from transformers.cache_utils import DynamicCache
 
 from ..._merge import MergePlan
 from ...errors import UniprunerError
-from ...hosts.cache import CompressedCache, CompressedLayer, Step
-from ...hosts.hf_attention import AttentionLayer, attention_layers, attention_rows, keys, unrotated_keys
+from ...hosts.cache import CompressedCache, CompressedLayer, CompressedSlidingLayer, Step
+from ...hosts.hf_attention import AttentionLayer, attention_layers, attention_rows, keys, queries, unrotated_keys
 from ...hosts.masks import stored_slot_mask
 from ...hosts.patching import PatchHandle, find_handle, reuse_or_refuse
 from ...methods import Method, Reduced, ScoringMethod
@@ -57,6 +57,7 @@ class _Seq:
     valid: Tensor  # [B, S] bool
     positions: Tensor  # [B, S] or [R, B, S] long: position ids as the layers use them
     packed: bool = False
+    block: Tensor | None = None  # [B, S] long: Gemma 3's bidirectional image block of each slot, -1 elsewhere
 
 
 @dataclass
@@ -80,10 +81,10 @@ class _Call:
     pending: bool = False  # vision-side state recorded outside a body call (generate() encodes images first)
     seq: _Seq | None = None
     cache: CompressedCache | None = None
-    mask: Any = None  # the attention mask of the packed sequence (prefill), for layers after a stage
-    pe: tuple[Tensor, Tensor] | None = None  # their rotary embeddings
+    mask: Any = None  # the attention mask of the packed sequence (prefill), for layers after a stage (a dict per type)
+    pe: Any = None  # their rotary embeddings (cos, sin), or a dict of them per layer type (Gemma 3)
     first_pruned: int | None = None
-    captured: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    captured: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Any]] = field(default_factory=dict)
     previous: dict[int, Tensor] = field(default_factory=dict)
     stats: list[StageStats] = field(default_factory=list)
     seq_before: list[int] = field(default_factory=list)
@@ -352,21 +353,29 @@ class VLMHandle(PatchHandle):
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
         if cache is None and use_cache:
-            cache = CompressedCache(module.config)
+            cache = CompressedCache(module.config, sliding=True)
         elif cache is not None and not isinstance(cache, CompressedCache):
             if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-                cache = CompressedCache(module.config)
+                cache = CompressedCache(module.config, sliding=True)
             else:
                 raise UniprunerError(
                     f"unipruner.vlm needs an empty DynamicCache (generate()'s default) or a CompressedCache, got a "
                     f"{type(cache).__name__} holding {cache.get_seq_length()} tokens"
                 )
+        elif isinstance(cache, CompressedCache) and any(getattr(la, "is_sliding", False) and not isinstance(
+                la, CompressedSlidingLayer) for la in cache.layers):
+            raise UniprunerError(
+                f"{self.host.cls_name} has sliding-window layers: pass CompressedCache(config, sliding=True), whose "
+                "sliding layers keep the positions a pruned sequence needs"
+            )
         if cache is not None:
             kwargs[key] = cache
         state.cache = cache
         b, q = embeds.shape[0], embeds.shape[1]
         seen = 0 if cache is None else cache.get_seq_length()
         mask2d = kwargs.get("attention_mask")
+        if isinstance(mask2d, dict) and self.host.layer_types is not None:
+            mask2d = state.inputs.get("attention_mask")  # Gemma 3's body built a mask per layer type from it
         if mask2d is not None and (not isinstance(mask2d, Tensor) or mask2d.ndim != 2):
             raise UniprunerError(
                 "unipruner.vlm needs a 2-D attention mask [batch, tokens] (or none) at the language model; got "
@@ -375,13 +384,16 @@ class VLMHandle(PatchHandle):
         valid_new = None if mask2d is None else mask2d[:, -q:].to(torch.bool)
         if seen == 0:
             return self._prefill(state, kwargs, embeds, valid_new)
+        pos = kwargs.get("position_ids")
+        rows = (_row_positions(pos) if isinstance(pos, Tensor)
+                else seen + torch.arange(q, device=embeds.device)[None].expand(b, q))  # the language model's default
         if cache is None or not cache.compressed:
             if cache is not None:
                 cache.step = Step(valid_new if valid_new is not None and not bool(valid_new.all()) else None,
-                                  torch.zeros(b, q, dtype=torch.long), state.settings)
+                                  rows, state.settings)
                 state.logical = seen + q
             return args, kwargs
-        return self._decode(state, kwargs, cache, embeds, valid_new)
+        return self._decode(state, kwargs, cache, embeds, valid_new, rows)
 
     def _prefill(self, state: _Call, kwargs: dict[str, Any], embeds: Tensor, valid_new: Tensor | None
                  ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -397,7 +409,7 @@ class VLMHandle(PatchHandle):
             base = torch.arange(q, device=embeds.device)[None].expand(b, q)
             pos = base[None].expand(3, b, q) if host.mrope else base
         group = self._groups(state, visual)
-        state.seq = _Seq(visual, group, valid, pos)
+        state.seq = _Seq(visual, group, valid, pos, block=self._image_blocks(state, b, q))
         flat_vis = torch.nonzero(visual.flatten()).squeeze(1)
         state.origin = flat_vis
         img = group.flatten()[flat_vis] if state.settings.per_image else self._groups_per_image(state, visual)
@@ -457,25 +469,23 @@ class VLMHandle(PatchHandle):
         new_embeds, packed, agg_pos = result
         kwargs["inputs_embeds"] = new_embeds
         kwargs["position_ids"] = self._positions(state, seq, packed, agg_pos)
-        kwargs["attention_mask"] = self._mask(packed.valid, new_embeds.dtype)
         self._deepstack(kwargs, state, packed)
         state.first_pruned = 0
-        state.seq = _Seq(*self._packed_seq(seq, packed, kwargs["position_ids"]))
+        state.seq = _Seq(*self._packed_seq(seq, packed, kwargs["position_ids"], agg_pos))
+        kwargs["attention_mask"] = self._packed_mask(state.seq, new_embeds.dtype)
 
     def _decode(self, state: _Call, kwargs: dict[str, Any], cache: CompressedCache, embeds: Tensor,
-                valid_new: Tensor | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        b, q = embeds.shape[0], embeds.shape[1]
+                valid_new: Tensor | None, rows: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        q = embeds.shape[1]
         if cache.plan is not None and cache.plan != state.settings:
             raise UniprunerError(
                 "this cache was pruned with other settings; continue it with the settings it started with "
                 "(or start a new cache)"
             )
         vn = None if valid_new is None or bool(valid_new.all()) else valid_new
-        pos = kwargs.get("position_ids")
-        rows = _row_positions(pos) if isinstance(pos, Tensor) else torch.zeros(b, q, dtype=torch.long)
         cache.step = Step(vn, rows, state.settings)
         first = cache.layers[0]
-        if isinstance(first, CompressedLayer) and first.compressed:
+        if isinstance(first, CompressedLayer) and first.compressed and self.host.layer_types is None:
             kwargs["attention_mask"] = self._layer_mask(first, vn, q, embeds.dtype)
         state.logical = cache.get_seq_length() + q
         return (), kwargs
@@ -489,7 +499,7 @@ class VLMHandle(PatchHandle):
         cache.step = None
         first = state.first_pruned
         for i, layer in enumerate(cache.layers):
-            if not isinstance(layer, CompressedLayer):
+            if not isinstance(layer, (CompressedLayer, CompressedSlidingLayer)):
                 continue
             if first is not None and i >= first:
                 layer.compressed = True
@@ -506,7 +516,7 @@ class VLMHandle(PatchHandle):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 pe = kwargs.get("position_embeddings")
                 if isinstance(hidden, Tensor) and pe is not None:
-                    state.captured[index] = (hidden, pe)
+                    state.captured[index] = (hidden, pe, kwargs.get("attention_mask"))
         return hook
 
     def _make_layer_pre(self, index: int) -> Any:
@@ -521,10 +531,14 @@ class VLMHandle(PatchHandle):
             cache = state.cache
             if state.seq is not None and hidden.shape[1] > 1 and (cache is None or cache.step is not None):
                 return self._prefill_layer(state, index, module, args, kwargs, hidden)
-            if cache is not None and index < len(cache.layers):
+            if cache is not None and index < len(cache.layers) and cache.step is not None:
                 layer = cache.layers[index]
-                if isinstance(layer, CompressedLayer) and layer.compressed and index > 0 and cache.step is not None:
+                own = index > 0 or self.host.layer_types is not None  # Gemma 3: layer 0 gets a dict of masks
+                if isinstance(layer, CompressedLayer) and layer.compressed and own:
                     kwargs["attention_mask"] = self._layer_mask(layer, cache.step.valid, hidden.shape[1], hidden.dtype)
+                    return args, kwargs
+                if isinstance(layer, CompressedSlidingLayer) and layer.compressed:
+                    kwargs["attention_mask"] = self._sliding_mask(layer, cache.step, hidden.shape[1], hidden.dtype)
                     return args, kwargs
             return None
         return hook
@@ -538,18 +552,22 @@ class VLMHandle(PatchHandle):
         if st is not None:
             seq = state.seq
             assert seq is not None
-            pe = kwargs.get("position_embeddings")
+            pe = self._layer_value(state.pe, index) if state.pe is not None else kwargs.get("position_embeddings")
             if pe is None:
                 raise UniprunerError(f"decoder layer {index} received no position_embeddings")
             result = self._run_stage(state, st, hidden, layer=index, pe=pe, module=module)
             if result is not None:
                 new_hidden, packed, agg_pos = result
                 positions = self._positions(state, seq, packed, agg_pos)
-                state.mask = self._mask(packed.valid, hidden.dtype)
-                cos, sin = pe
                 idx = packed.index
-                state.pe = (_take_rows(cos, idx, agg_pos), _take_rows(sin, idx, agg_pos))
-                state.seq = _Seq(*self._packed_seq(seq, packed, positions))
+                if self.host.layer_types is None:
+                    cos, sin = pe
+                    state.pe = (_take_rows(cos, idx, agg_pos), _take_rows(sin, idx, agg_pos))
+                else:  # every layer type's rotary embeddings of the current sequence, gathered at the kept slots
+                    state.pe = {t: (_take_rows(c, idx, agg_pos), _take_rows(s_, idx, agg_pos))
+                                for t, (c, s_) in self._type_pe(state, index, pe, hidden).items()}
+                state.seq = _Seq(*self._packed_seq(seq, packed, positions, agg_pos))
+                state.mask = self._packed_mask(state.seq, hidden.dtype)
                 state.first_pruned = index if state.first_pruned is None else state.first_pruned
                 if state.cache is not None:
                     ns = state.seq
@@ -559,8 +577,8 @@ class VLMHandle(PatchHandle):
                 if not args:
                     kwargs["hidden_states"] = new_hidden
         if state.mask is not None:
-            kwargs["attention_mask"] = state.mask
-            kwargs["position_embeddings"] = state.pe
+            kwargs["attention_mask"] = self._layer_value(state.mask, index)
+            kwargs["position_embeddings"] = self._layer_value(state.pe, index)
             if "position_ids" in kwargs and state.seq is not None:
                 kwargs["position_ids"] = _row_positions(state.seq.positions)
             return args, kwargs
@@ -654,10 +672,11 @@ class VLMHandle(PatchHandle):
         packed = pack(keys_)
         return packed.take(src), packed, agg_pos
 
-    def _packed_seq(self, seq: _Seq, packed: Packed, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    def _packed_seq(self, seq: _Seq, packed: Packed, positions: Tensor, agg_pos: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, Tensor | None]:
         b, s = seq.visual.shape
         extra = packed.index.shape[1] and int(packed.index.max()) >= s
-        vis, grp = seq.visual, seq.group
+        vis, grp, blk = seq.visual, seq.group, seq.block
         if extra:  # aggregate slots: visual, in no block (they are not pruned again)
             m = int(packed.index.max()) + 1 - s
             vis = torch.cat([vis, torch.ones(b, m, dtype=torch.bool, device=vis.device)], dim=1)
@@ -665,7 +684,12 @@ class VLMHandle(PatchHandle):
         idx = packed.index
         visual = vis.gather(1, idx) & packed.valid
         group = torch.where(packed.valid, grp.gather(1, idx), torch.full_like(idx, -1))
-        return visual, group, packed.valid, positions, True
+        block = None
+        if blk is not None:  # Gemma 3's image blocks follow their tokens; an aggregate joins its anchor's block
+            if agg_pos is not None:
+                blk = torch.cat([blk, blk.gather(1, agg_pos.clamp(min=0))], dim=1)
+            block = torch.where(packed.valid, blk.gather(1, idx), torch.full_like(idx, -1))
+        return visual, group, packed.valid, positions, True, block
 
     def _positions(self, state: _Call, seq: _Seq, packed: Packed, agg_pos: Tensor | None) -> Tensor:
         pos = seq.positions
@@ -709,13 +733,17 @@ class VLMHandle(PatchHandle):
             cap = state.captured.get(st.layer - 1)
             if cap is None:
                 raise UniprunerError(f"layer {st.layer - 1}'s attention input was not captured")
-            h_prev, pe_prev = cap
+            h_prev, pe_prev, mask_prev = cap
             spec = self._specs[st.layer - 1]
             pe_prev = _expand_pe(pe_prev, h_prev.shape[0])
             ks = keys(spec, h_prev, *pe_prev)
             kvalid = seq.valid[:, None, :].expand(ks.shape[0], ks.shape[1], ks.shape[2])
-            out["attn"] = attn_rows = attention_rows(spec, h_prev, pe_prev, ks, _rows_needed(m, hidden.shape[1]),
-                                                     kvalid)
+            rows = _rows_needed(m, hidden.shape[1])
+            if self.host.layer_types is not None and isinstance(mask_prev, Tensor) and rows != "all":
+                # Gemma 3: the rows under the mask the layer used (sliding window, bidirectional image blocks)
+                out["attn"] = attn_rows = _masked_rows(spec, h_prev, pe_prev, ks, int(rows), mask_prev)
+            else:
+                out["attn"] = attn_rows = attention_rows(spec, h_prev, pe_prev, ks, rows, kvalid)
             if "text_queries" in m.requires:
                 n = out["attn"].shape[2]
                 out["text_queries"] = (seq.valid & ~seq.visual)[:, -n:]
@@ -813,6 +841,97 @@ class VLMHandle(PatchHandle):
         additive = dtype if self._eager else None
         old = layer.slot_valid()
         return stored_slot_mask(old, valid_new, q, n_heads=old.shape[1], additive=additive)
+
+    # -- Gemma 3: masks and rotary embeddings per layer type ------------------------------------------
+    def _layer_value(self, value: Any, index: int) -> Any:
+        """``value`` for decoder layer ``index``: its layer type's entry when ``value`` is a dict per type."""
+        if isinstance(value, dict) and self.host.layer_types is not None:
+            return value[self.host.layer_types[index]]
+        return value
+
+    def _image_blocks(self, state: _Call, b: int, q: int) -> Tensor | None:
+        """Gemma 3: the image block of every slot (runs of ``token_type_ids == 1``, -1 elsewhere), or None.
+
+        The body makes those blocks bidirectional only when it receives ``token_type_ids``
+        (``generate()`` passes them at prefill); without them its masks are causal, and so are ours.
+        """
+        tt = state.inputs.get("token_type_ids")
+        if self.host.layer_types is None or not isinstance(tt, Tensor):
+            return None
+        if tuple(tt.shape) != (b, q):
+            raise UniprunerError(f"token_type_ids has shape {tuple(tt.shape)} but the prompt is {(b, q)} tokens; "
+                                 "build them with the model's processor")
+        img = tt == 1
+        prev = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=img.device), img[:, :-1]], dim=1)
+        ids = torch.cumsum((img & ~prev).long(), dim=1) - 1
+        return torch.where(img, ids, torch.full_like(ids, -1))
+
+    def _packed_mask(self, seq: _Seq, dtype: torch.dtype) -> Any:
+        """The prefill mask of a packed sequence: one tensor, or Gemma 3's dict of one per layer type.
+
+        Gemma 3 (Hugging Face's ``create_masks_for_vision_model``, in the kept tokens' original
+        positions): global layers see ``causal | same image block``, local layers that AND
+        ``position_k > position_q - sliding_window``; padding keys are hidden, a padding query sees itself.
+        """
+        if self.host.layer_types is None:
+            return self._mask(seq.valid, dtype)
+        valid = seq.valid
+        b, s = valid.shape
+        pos = _row_positions(seq.positions)
+        idx = torch.arange(s, device=valid.device)
+        allowed = (idx[None, :] <= idx[:, None])[None].expand(b, s, s)
+        if seq.block is not None:
+            blk = seq.block
+            allowed = allowed | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
+        eye = torch.eye(s, dtype=torch.bool, device=valid.device)[None]
+        full = (allowed & valid[:, None, :]) | eye
+        out = {"full_attention": full}
+        if self.host.sliding_window is not None:
+            window = pos[:, None, :] > pos[:, :, None] - self.host.sliding_window
+            out["sliding_attention"] = (allowed & valid[:, None, :] & window) | eye
+        return {t: self._as_mask(m[:, None], dtype) for t, m in out.items()}
+
+    def _as_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        """A boolean mask as the attention implementation takes it (boolean for SDPA, additive for eager)."""
+        if not self._eager:
+            return allowed
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+
+    def _sliding_mask(self, layer: CompressedSlidingLayer, step: Step, q: int, dtype: torch.dtype) -> Tensor:
+        """Decode-time mask of a pruned sliding layer: its stored slots and the ``q`` new tokens, by position."""
+        assert layer.valid is not None and layer.positions is not None and self.host.sliding_window is not None
+        b = layer.valid.shape[0]
+        dev = layer.valid.device
+        new_valid = torch.ones(b, q, dtype=torch.bool, device=dev) if step.valid is None else step.valid.to(dev)
+        new_pos = step.positions.to(dev).expand(b, q)
+        key_valid = torch.cat([layer.valid, new_valid], dim=1)
+        key_pos = torch.cat([layer.positions, new_pos], dim=1)
+        s = layer.valid.shape[1]
+        causal = torch.ones(q, s + q, dtype=torch.bool, device=dev).tril(s)[None]
+        window = key_pos[:, None, :] > new_pos[:, :, None] - self.host.sliding_window
+        eye = torch.cat([torch.zeros(q, s, dtype=torch.bool, device=dev), torch.eye(q, dtype=torch.bool, device=dev)],
+                        dim=1)[None]
+        allowed = (causal & window & key_valid[:, None, :]) | eye
+        return self._as_mask(allowed[:, None], dtype)
+
+    def _type_pe(self, state: _Call, index: int, pe: tuple[Tensor, Tensor], hidden: Tensor
+                 ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Gemma 3: the rotary embeddings of every layer type for the current sequence (before a stage packs it).
+
+        Layer ``index``'s own are ``pe``; the other types' come from an earlier stage, or from the
+        language model's ``rotary_emb`` at the sequence's position ids, as its forward computed them.
+        """
+        assert self.host.layer_types is not None and state.seq is not None
+        if isinstance(state.pe, dict):
+            return dict(state.pe)
+        own = self.host.layer_types[index]
+        rotary: Any = getattr(self.host.language_model, "rotary_emb", None)
+        pos = _row_positions(state.seq.positions)
+        out = {own: pe}
+        with torch.no_grad():
+            for t in sorted(set(self.host.layer_types) - {own}):
+                out[t] = rotary(hidden, pos, t)
+        return out
 
 
 def _reduce_by_shape(m: Method, tokens: Tensor, blk: Blocks, signals: dict[str, Any],
@@ -917,6 +1036,24 @@ def _follow(origin: Tensor | None, dest: Tensor, width: int, packed: Packed) -> 
     alive = origin >= 0
     d = torch.where(alive, dest[origin.clamp(min=0)], torch.full_like(origin, -1))
     return torch.where(d >= 0, inv[d.clamp(min=0)], torch.full_like(d, -1))
+
+
+def _masked_rows(spec: AttentionLayer, hidden: Tensor, pe: tuple[Tensor, Tensor], ks: Tensor, rows: int,
+                 mask: Tensor) -> Tensor:
+    """Attention rows ``[B, H, R, S]`` of the last ``rows`` queries under the 4-D ``mask`` the layer itself used.
+
+    ``mask [B, 1, S, S]``: boolean (SDPA) or additive (eager). Gemma 3's layers attend under a
+    sliding window and bidirectional image blocks, which plain causal rows would not follow.
+    """
+    w = min(rows, hidden.shape[1])
+    cos, sin = pe
+    qs = queries(spec, hidden[:, -w:], cos[:, -w:], sin[:, -w:]).float()
+    kk = ks.float().repeat_interleave(qs.shape[1] // ks.shape[1], dim=1)
+    allowed = mask[:, :, -w:, :]
+    allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+    logits = (qs @ kk.transpose(-1, -2)) * spec.scale
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.where(torch.isfinite(probs), probs, torch.zeros_like(probs))
 
 
 def _rows_needed(m: Method, n: int) -> int | str:
