@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, Report, plot, shared_data
+from _harness import RESULTS, ROOT, Report, _atomic_write, plot, shared_data
 
 import unipruner
 from unipruner import Budget
@@ -479,7 +479,10 @@ def main() -> None:
     if ll_proc is not None:
         ll_proc.wait()
         if ll_proc.returncode == 0:
-            ll_out = json.loads((tmpdir / "out.json").read_text())
+            ll_text = (tmpdir / "out.json").read_text()
+            ll_out = json.loads(ll_text)
+            RESULTS.mkdir(parents=True, exist_ok=True)  # kept for --llmlingua-json in later runs
+            _atomic_write(RESULTS / f"rag_llmlingua_{args.llmlingua_n}.json", ll_text)
         else:
             ll_rows.notes.append(f"llmlingua subprocess failed with exit code {ll_proc.returncode}")
     if ll_out is not None:
