@@ -266,6 +266,7 @@ class CompressedSlidingLayer(DynamicSlidingWindowLayer):
             valid, pos = torch.cat([self.valid, new_valid], 1), torch.cat([self.positions, new_pos], 1)
         full_k, full_v = super().update(key_states, value_states)  # Hugging Face's own crop of keys / values
         self.seen += q
+        assert self.keys is not None
         total, stored = full_k.shape[-2], self.keys.shape[-2]
         last = torch.where(valid, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values
         live = valid & (pos > last + 1 - self.sliding_window)  # still visible to the next query

@@ -1123,7 +1123,7 @@ def patch(model: Any, method: str | Method | Stage | list[Stage] = "divprune", *
     ----------
     model : transformers.PreTrainedModel
         One of :data:`SUPPORTED_HOSTS` (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
-        Qwen3-VL, Idefics3, SmolVLM) with ``sdpa`` or ``eager`` attention.
+        Qwen3-VL, Idefics3, SmolVLM, Gemma 3) with ``sdpa`` or ``eager`` attention.
     method : str, Method, Stage or list of Stage
         A registry method with ``"vlm"`` in its domains — ``divprune`` (Alvar et al., CVPR 2025),
         ``dart`` (Wen et al., 2025), ``fastv`` (Chen et al., ECCV 2024), ``sparsevlm`` (Zhang et
