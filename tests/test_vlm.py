@@ -327,6 +327,42 @@ def test_schedule_of_two_stages(model: LlavaForConditionalGeneration) -> None:
     assert st.kv_slots[0] == st.kv_slots[1] > st.kv_slots[2] == st.kv_slots[3]
 
 
+def _reference_fastv_stages(model: LlavaForConditionalGeneration, ids: list[int], pix: torch.Tensor,
+                            stages: list[tuple[int, int]]) -> list[int]:
+    """FastV applied at several layers in turn: each stage scores the sequence the previous one left
+    (its tokens at their original positions) and keeps its k best visual tokens."""
+    h = _row_embeds(model, ids, pix)[None]
+    keep = list(range(len(ids)))
+    cache = DynamicCache(config=model.config.text_config)
+    done = 0
+    for layer, k in stages:
+        pos = torch.tensor([keep])
+        h = _layers(model, h, pos, cache, done, layer - 1)
+        scores = _fastv_scores(model, h, pos, layer - 1)
+        h = _layers(model, h, pos, cache, layer - 1, layer)
+        vis = torch.tensor([j for j, i in enumerate(keep) if ids[i] == IMG])
+        top = vis[torch.argsort(scores[vis], descending=True, stable=True)[:k]].tolist()
+        sel = sorted([j for j, i in enumerate(keep) if ids[i] != IMG] + top)
+        h, keep, done = h[:, sel], [keep[j] for j in sel], layer
+    h = _layers(model, h, torch.tensor([keep]), cache, done, 4)
+    return _decode(model, h, cache, len(ids) - 1)
+
+
+def test_two_llm_stages_match_reference(model: LlavaForConditionalGeneration) -> None:
+    """A schedule of two in-LLM stages: the second sees the first's pruned sequence at its original positions."""
+    rows = _rows()
+    batch = _batch(rows, seed=9)
+    with unipruner.vlm.patch(model, [stage("fastv", "llm", layer=1, keep=6), stage("fastv", "llm", layer=3, keep=3)]
+                             ) as h:
+        got = _generate(model, batch)
+        st = h.stats()
+    assert [s.after for s in st.stages] == [(6, 6), (3, 3)]
+    assert st.kv_slots[0] > st.kv_slots[1] == st.kv_slots[2] > st.kv_slots[3]
+    for i, r in enumerate(rows):
+        assert got[i].tolist() == _reference_fastv_stages(model, r, batch["pixel_values"][i:i + 1],
+                                                          [(1, 6), (3, 3)]), f"row {i}"
+
+
 def test_several_images_per_prompt(model: LlavaForConditionalGeneration) -> None:
     batch = _batch(_rows(n_images=2), seed=7)
     with unipruner.vlm.patch(model, "divprune", keep=3) as h:
