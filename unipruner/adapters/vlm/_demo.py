@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["DEMO_METHOD", "demo_section"]
 
 #: (method, stage, parameters) shown by the demo: see docs/benchmarks.md (VLM) for why this one
-DEMO_METHOD: tuple[str, str, dict[str, Any]] = ("visionzip", "vision", {})
+DEMO_METHOD: tuple[str, str, dict[str, Any]] = ("divprune", "input", {})
 _SCENE_INDEX = 20  # a held-out scene whose question needs one small shape (the one in the top right cell)
 
 
