@@ -56,7 +56,30 @@ class Step:
     settings: Any = None
 
 
-class CompressedLayer(DynamicLayer):
+class _BatchedTensors:
+    """Batch reordering (beam search, ``batch_select_indices``, ``repeat_interleave``) applied to every
+    per-row tensor a cache layer keeps: the names in ``_BATCHED``."""
+
+    _BATCHED: tuple[str, ...] = ()
+
+    def _batch_apply(self, fn: Callable[[Tensor], Tensor]) -> None:
+        f: Any = fn
+        for name in self._BATCHED:
+            t = getattr(self, name)
+            if isinstance(t, Tensor) and t.numel() > 0:
+                setattr(self, name, f(t))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._batch_apply(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+class CompressedLayer(_BatchedTensors, DynamicLayer):
     """One full-attention layer of a :class:`CompressedCache`.
 
     Attributes
@@ -185,24 +208,10 @@ class CompressedLayer(DynamicLayer):
                 "assisted / speculative decoding is not supported with unipruner.kv"
             )
 
-    def _batch_apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        f: Any = fn
-        for name in ("keys", "values", "valid", "offset", "scores", "budget", "recent", "prefill_valid"):
-            t = getattr(self, name)
-            if isinstance(t, Tensor) and t.numel() > 0:
-                setattr(self, name, f(t))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._batch_apply(lambda t: t[indices.to(t.device)])
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+    _BATCHED = ("keys", "values", "valid", "offset", "scores", "budget", "recent", "prefill_valid")
 
 
-class CompressedSlidingLayer(DynamicSlidingWindowLayer):
+class CompressedSlidingLayer(_BatchedTensors, DynamicSlidingWindowLayer):
     """A sliding-window layer that knows the position and validity of the slots it keeps.
 
     Stores what ``DynamicSlidingWindowLayer`` stores (the last ``window - 1`` slots, the same
@@ -295,21 +304,7 @@ class CompressedSlidingLayer(DynamicSlidingWindowLayer):
                 "is not supported with unipruner.vlm"
             )
 
-    def _batch_apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        f: Any = fn
-        for name in ("keys", "values", "valid", "positions"):
-            t = getattr(self, name)
-            if isinstance(t, Tensor) and t.numel() > 0:
-                setattr(self, name, f(t))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._batch_apply(lambda t: t[indices.to(t.device)])
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+    _BATCHED = ("keys", "values", "valid", "positions")
 
 
 class CompressedCache(DynamicCache):
